@@ -1,0 +1,1444 @@
+#!/usr/bin/env python3
+"""balanced: take this EC2 instance out of its load balancers, and put it back, safely.
+
+Runs on the instance itself, with no configuration: it reads its instance id and region
+from the instance metadata service (IMDSv2), finds its Auto Scaling group and every
+classic ELB / target group of that group, and
+
+  out     checks that leaving is safe, enters ASG Standby, waits until drained and deregistered
+  in      leaves Standby, waits until InService in the ASG and healthy in every load balancer
+  status  shows what the tool sees
+  run     out, then a command, then in (only if the command succeeded)
+
+Exit codes (a public contract):
+  0 converged, or already in the wanted state     3 refused by a safety gate, nothing changed
+  1 failure (AWS error, unexpected state)         4 timed out after an action was taken
+  2 usage error                                   5 environment: no metadata, no ASG, no credentials
+  130/143 interrupted by SIGINT/SIGTERM
+
+Environment: AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_EC2_METADATA_DISABLED, AWS_REGION,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL[_<SERVICE>], AWS_MAX_ATTEMPTS, AWS_RETRY_MODE and the
+usual credential variables, all with botocore's meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+__version__ = "1.0.0"
+
+###############################################################################
+# Constants and exit codes ####################################################
+###############################################################################
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_TIMEOUT = 4
+EXIT_ENVIRONMENT = 5
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+OUTCOMES = {
+    EXIT_OK: "OK",
+    EXIT_FAILED: "FAILED",
+    EXIT_USAGE: "USAGE",
+    EXIT_REFUSED: "REFUSED",
+    EXIT_TIMEOUT: "TIMEOUT",
+    EXIT_ENVIRONMENT: "ENVIRONMENT",
+    EXIT_SIGINT: "INTERRUPTED",
+    EXIT_SIGTERM: "INTERRUPTED",
+}
+
+STANDBY_STATES = frozenset({"EnteringStandby", "Standby"})
+PENDING_STATES = frozenset({"Pending", "Pending:Wait", "Pending:Proceed"})
+# Activities AWS creates for standby moves; the floor already counts those instances,
+# so they must not block other instances of the same rollout.
+STANDBY_ACTIVITY_PREFIXES = ("Moving EC2 instance to Standby", "Moving EC2 instance out of Standby")
+TERMINAL_ACTIVITY_CODES = frozenset({"Successful", "Failed", "Cancelled"})
+ACTIVE_REFRESH_STATES = frozenset({"Pending", "InProgress", "Cancelling", "RollbackInProgress", "Baking"})
+# Launch suspended: AWS cannot return a Standby instance to service.
+# AddToLoadBalancer suspended: the instance might come back without being registered.
+BLOCKING_PROCESSES = ("Launch", "AddToLoadBalancer")
+
+# The durable record of a MinSize this tool changed: a tag on the group, visible in the
+# console, surviving reboots, shared by every instance of the group.
+MIN_SIZE_TAG = "balanced:min-size"
+
+IMDS_DEFAULT_ENDPOINT = "http://169.254.169.254/"
+IMDS_TIMEOUT = 1.0
+IMDS_ATTEMPTS = 2
+IMDS_TOKEN_TTL = 21600
+
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_POLL = 1.0
+# While the load balancers are still busy, ask Auto Scaling only this often: its API throttle
+# is one bucket shared by the whole account and region.
+ASG_HEARTBEAT = 10.0
+# Far from the expected end of a drain, poll at most this slowly.
+MAX_POLL = 5.0
+PROGRESS_EVERY = 10.0
+
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8,17}$")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class BalancedError(Exception):
+    """An expected failure: its message is the operator's one-line explanation."""
+
+    exit_code = EXIT_FAILED
+
+
+class Refused(BalancedError):
+    exit_code = EXIT_REFUSED
+
+
+class TimedOut(BalancedError):
+    exit_code = EXIT_TIMEOUT
+
+
+class NoEnvironment(BalancedError):
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Interrupted(BalancedError):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+###############################################################################
+# Output ######################################################################
+###############################################################################
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+
+@dataclass
+class Log:
+    """Timestamped lines on stderr; stdout is kept for the result (--json)."""
+
+    level: int = NORMAL
+    prefix: str = "balanced"
+
+    def line(self, msg: str, *, level: int = NORMAL) -> None:
+        if level <= self.level:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            print(f"{stamp} {self.prefix}: {msg}", file=sys.stderr, flush=True)
+
+    def info(self, msg: str) -> None:
+        self.line(msg)
+
+    def debug(self, msg: str) -> None:
+        self.line(msg, level=VERBOSE)
+
+    def warning(self, msg: str) -> None:
+        self.line(f"WARNING: {msg}", level=QUIET)
+
+
+def fmt_duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+###############################################################################
+# Instance metadata (IMDSv2) ##################################################
+###############################################################################
+
+
+@dataclass(frozen=True)
+class Identity:
+    instance_id: str
+    region: str
+
+
+def imds_base_url(environ: dict[str, str]) -> str:
+    url = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT_ENDPOINT
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise NoEnvironment(f"AWS_EC2_METADATA_SERVICE_ENDPOINT is not an http(s) URL: {url!r}")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise NoEnvironment(f"AWS_EC2_METADATA_SERVICE_ENDPOINT has a bad port: {url!r}") from None
+    return url if url.endswith("/") else url + "/"
+
+
+class Metadata:
+    """A small IMDSv2 client with botocore's fallbacks: token first, IMDSv1 if the token
+    endpoint answers 403/404/405, a fresh token on 401, short timeouts, few attempts."""
+
+    def __init__(self, base_url: str, *, timeout: float = IMDS_TIMEOUT, attempts: int = IMDS_ATTEMPTS):
+        self.base_url = base_url
+        self.timeout = timeout
+        self.attempts = attempts
+        self._token: str | None = None
+        self._token_fetched = False
+
+    def _open(self, request: urllib.request.Request) -> tuple[int, str]:
+        last: Exception | None = None
+        for _ in range(self.attempts):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, ""
+            except (OSError, urllib.error.URLError) as e:  # refused, timed out, reset
+                last = e
+        reason = getattr(last, "reason", last)
+        raise NoEnvironment(f"instance metadata unreachable at {self.base_url} ({reason}): not on EC2?")
+
+    def _fetch_token(self) -> str | None:
+        request = urllib.request.Request(
+            self.base_url + "latest/api/token",
+            method="PUT",
+            headers={"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)},
+        )
+        status, body = self._open(request)
+        if status == 200:
+            return body
+        if status in (403, 404, 405):
+            return None  # IMDSv1 only, as botocore falls back
+        raise NoEnvironment(f"instance metadata token request failed with HTTP {status} at {self.base_url}")
+
+    def get(self, path: str) -> str:
+        for fresh_token in (False, True):
+            if not self._token_fetched or fresh_token:
+                self._token = self._fetch_token()
+                self._token_fetched = True
+            headers = {"X-aws-ec2-metadata-token": self._token} if self._token else {}
+            status, body = self._open(urllib.request.Request(self.base_url + path, headers=headers))
+            if status == 200:
+                return body
+            if status != 401:  # 401: the token expired; fetch a new one once
+                break
+        raise NoEnvironment(f"instance metadata {path} answered HTTP {status} at {self.base_url}")
+
+    def identity(self) -> Identity:
+        doc = self.get("latest/dynamic/instance-identity/document")
+        try:
+            parsed = json.loads(doc)
+            return Identity(instance_id=parsed["instanceId"], region=parsed["region"])
+        except (ValueError, KeyError, TypeError):
+            raise NoEnvironment("instance metadata identity document is not valid JSON") from None
+
+
+def resolve_identity(*, instance_id: str | None, region: str | None, environ: dict[str, str]) -> Identity:
+    """--instance-id/--region first, then AWS_REGION/AWS_DEFAULT_REGION, then the metadata."""
+    region = region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region and not REGION_RE.match(region):
+        raise NoEnvironment(f"region {region!r} does not look like an AWS region (e.g. us-east-1)")
+    if instance_id and region:
+        return Identity(instance_id=instance_id, region=region)
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        raise NoEnvironment("AWS_EC2_METADATA_DISABLED=true: pass --instance-id and --region")
+    found = Metadata(imds_base_url(environ)).identity()
+    return Identity(instance_id=instance_id or found.instance_id, region=region or found.region)
+
+
+###############################################################################
+# AWS clients and errors ######################################################
+###############################################################################
+
+
+@dataclass
+class Clients:
+    autoscaling: Any
+    elbv2: Any
+    elb: Any
+
+
+def make_clients(region: str, environ: dict[str, str]) -> Clients:
+    import boto3
+    from botocore.config import Config
+
+    # botocore retries throttling and 5xx itself. "standard" mode: jittered exponential backoff
+    # and a retry quota, the same in every SDK; more attempts than its default 3 because a
+    # rollout of many instances shares one Auto Scaling throttle.
+    retries = {
+        "mode": environ.get("AWS_RETRY_MODE", "standard"),
+        "max_attempts": int(environ.get("AWS_MAX_ATTEMPTS", "8")),
+    }
+    config = Config(
+        retries=retries,
+        connect_timeout=5,
+        read_timeout=20,
+        user_agent_extra=f"balanced/{__version__}",
+    )
+    session = boto3.session.Session(region_name=region)
+    return Clients(
+        autoscaling=session.client("autoscaling", config=config),
+        elbv2=session.client("elbv2", config=config),
+        elb=session.client("elb", config=config),
+    )
+
+
+CREDENTIAL_ERRORS = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "AuthFailure",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "RequestExpired",
+    }
+)
+SERVICE_IAM_PREFIX = {
+    "autoscaling": "autoscaling",
+    "elbv2": "elasticloadbalancing",
+    "elb": "elasticloadbalancing",
+}
+
+
+def error_code(exc: BaseException | None) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def translate_aws_error(exc: Exception, doing: str, service: str = "") -> BalancedError:
+    """Map a botocore exception to our error family, keeping botocore's own text."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return NoEnvironment(
+            f"no AWS credentials ({exc}): attach an instance profile or set AWS_* credentials"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return BalancedError(f"{doing}: {exc}")
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        if code in CREDENTIAL_ERRORS:
+            return NoEnvironment(f"AWS rejected the credentials while trying to {doing}: {exc}")
+        if code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
+            op = exc.operation_name
+            prefix = SERVICE_IAM_PREFIX.get(service, "")
+            action = f"{prefix}:{op}" if prefix else op
+            return BalancedError(f"{doing}: access denied: the instance role needs {action} ({exc})")
+    return BalancedError(f"failed to {doing}: {exc}")
+
+
+def aws_call(client: Any, operation: str, doing: str, **params: Any) -> dict[str, Any]:
+    """One API call; botocore already retried throttling and 5xx."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        result: dict[str, Any] = getattr(client, operation)(**params)
+        return result
+    except ClientError as e:
+        raise translate_aws_error(e, doing, client.meta.service_model.service_name) from e
+    except BotoCoreError as e:
+        raise translate_aws_error(e, doing) from e
+
+
+def aws_pages(client: Any, operation: str, doing: str, **params: Any) -> Iterator[dict[str, Any]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield from client.get_paginator(operation).paginate(**params)
+    except ClientError as e:
+        raise translate_aws_error(e, doing, client.meta.service_model.service_name) from e
+    except BotoCoreError as e:
+        raise translate_aws_error(e, doing) from e
+
+
+###############################################################################
+# AWS view ####################################################################
+###############################################################################
+
+
+@dataclass(frozen=True)
+class Member:
+    instance_id: str
+    lifecycle: str
+    health: str  # "Healthy"/"Unhealthy"; AWS spells it in two casings
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    kind: str  # "tg" (ALB/NLB target group) or "elb" (classic)
+    id: str  # target group ARN or classic ELB name
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tg":
+            return "tg/" + self.id.split(":targetgroup/")[-1].split("/")[0]
+        return "elb/" + self.id
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    min_size: int
+    max_size: int
+    desired: int
+    members: tuple[Member, ...]
+    suspended: frozenset[str]
+    load_balancers: tuple[LoadBalancer, ...]
+    unsupported_sources: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str = ""
+
+    @property
+    def out_count(self) -> int:
+        return sum(1 for m in self.members if m.lifecycle in STANDBY_STATES)
+
+    @property
+    def full_capacity(self) -> int:
+        """Desired capacity as it was before anyone entered Standby with decrement."""
+        return self.desired + self.out_count
+
+    def member(self, instance_id: str) -> Member | None:
+        return next((m for m in self.members if m.instance_id == instance_id), None)
+
+
+@dataclass(frozen=True)
+class LbState:
+    """One instance as one load balancer sees it."""
+
+    state: str  # ELBv2 TargetHealth.State, or classic InService/OutOfService/Unknown
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.state} ({self.reason})" if self.reason else self.state
+
+
+def describe_asg_instance(clients: Clients, instance_id: str) -> dict[str, Any] | None:
+    """The instance's ASG record; None when it is in no group (AWS ignores unknown ids)."""
+    result = aws_call(
+        clients.autoscaling,
+        "describe_auto_scaling_instances",
+        "describe this instance in Auto Scaling",
+        InstanceIds=[instance_id],
+    )
+    found = result.get("AutoScalingInstances", [])
+    return found[0] if found else None
+
+
+def describe_group(clients: Clients, name: str) -> Group:
+    groups = [
+        g
+        for page in aws_pages(
+            clients.autoscaling,
+            "describe_auto_scaling_groups",
+            f"describe Auto Scaling group {name}",
+            AutoScalingGroupNames=[name],
+        )
+        for g in page.get("AutoScalingGroups", [])
+    ]
+    if not groups:
+        raise NoEnvironment(f"Auto Scaling group {name} no longer exists")
+    return group_from_api(groups[0])
+
+
+def group_from_api(raw: dict[str, Any]) -> Group:
+    lbs: list[LoadBalancer] = [LoadBalancer("elb", n) for n in raw.get("LoadBalancerNames", [])]
+    lbs += [LoadBalancer("tg", a) for a in raw.get("TargetGroupARNs", [])]
+    unsupported: list[str] = []
+    for source in raw.get("TrafficSources", []):
+        kind = {"elb": "elb", "elbv2": "tg"}.get(source.get("Type", ""))
+        if kind is None:
+            unsupported.append(f"{source.get('Type', '?')}:{source.get('Identifier', '?')}")
+        elif LoadBalancer(kind, source["Identifier"]) not in lbs:
+            lbs.append(LoadBalancer(kind, source["Identifier"]))
+    return Group(
+        name=raw["AutoScalingGroupName"],
+        min_size=int(raw["MinSize"]),
+        max_size=int(raw["MaxSize"]),
+        desired=int(raw["DesiredCapacity"]),
+        members=tuple(
+            Member(i["InstanceId"], i.get("LifecycleState", "?"), i.get("HealthStatus", "?"))
+            for i in raw.get("Instances", [])
+        ),
+        suspended=frozenset(p["ProcessName"] for p in raw.get("SuspendedProcesses", [])),
+        load_balancers=tuple(lbs),
+        unsupported_sources=tuple(unsupported),
+        tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags", [])},
+        status=raw.get("Status", "") or "",
+    )
+
+
+def in_progress_activities(clients: Clients, group: str) -> list[str]:
+    """Descriptions of the group's unfinished scaling activities, except standby moves.
+    AWS lists in-progress activities first, so paging stops at the first finished one."""
+    found: list[str] = []
+    for page in aws_pages(
+        clients.autoscaling,
+        "describe_scaling_activities",
+        f"describe scaling activities of {group}",
+        AutoScalingGroupName=group,
+        PaginationConfig={"PageSize": 20},
+    ):
+        for activity in page.get("Activities", []):
+            if activity.get("StatusCode") in TERMINAL_ACTIVITY_CODES:
+                return found
+            description = activity.get("Description", "")
+            if not description.startswith(STANDBY_ACTIVITY_PREFIXES):
+                found.append(f"{description} ({activity.get('StatusCode')})")
+    return found
+
+
+def active_instance_refresh(clients: Clients, group: str) -> str | None:
+    """The status of an unfinished instance refresh; only the newest can be active."""
+    result = aws_call(
+        clients.autoscaling,
+        "describe_instance_refreshes",
+        f"describe instance refreshes of {group}",
+        AutoScalingGroupName=group,
+        MaxRecords=1,
+    )
+    for refresh in result.get("InstanceRefreshes", []):
+        if refresh.get("Status") in ACTIVE_REFRESH_STATES:
+            return f"{refresh.get('InstanceRefreshId', '?')} ({refresh['Status']})"
+    return None
+
+
+class LbGone(BalancedError):
+    """A target group or classic ELB the group lists no longer exists."""
+
+    def __init__(self, lb: LoadBalancer, code: str) -> None:
+        super().__init__(f"{lb.name} no longer exists ({code})")
+        self.lb = lb
+
+
+def lb_states(clients: Clients, lb: LoadBalancer, instance_id: str | None = None) -> dict[str, LbState]:
+    """Every registered instance's state in one LB, or one instance's (even if unregistered)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if lb.kind == "tg":
+            return target_group_states(clients, lb, instance_id)
+        return classic_elb_states(clients, lb, instance_id)
+    except ClientError as e:
+        code = error_code(e)
+        if instance_id and code in ("InvalidTarget", "InvalidInstance"):
+            # What AWS's own deregistered waiters accept as "deregistered".
+            return {instance_id: LbState("unused", code)}
+        if code in ("TargetGroupNotFound", "LoadBalancerNotFound"):
+            raise LbGone(lb, code) from e
+        raise translate_aws_error(
+            e, f"read health of {lb.name}", "elbv2" if lb.kind == "tg" else "elb"
+        ) from e
+    except BotoCoreError as e:
+        raise translate_aws_error(e, f"read health of {lb.name}") from e
+
+
+def target_group_states(clients: Clients, lb: LoadBalancer, instance_id: str | None) -> dict[str, LbState]:
+    params: dict[str, Any] = {"TargetGroupArn": lb.id}
+    if instance_id:
+        params["Targets"] = [{"Id": instance_id}]
+    result = clients.elbv2.describe_target_health(**params)
+    return {
+        d["Target"]["Id"]: LbState(d["TargetHealth"]["State"], d["TargetHealth"].get("Reason", ""))
+        for d in result.get("TargetHealthDescriptions", [])
+    }
+
+
+def classic_elb_states(clients: Clients, lb: LoadBalancer, instance_id: str | None) -> dict[str, LbState]:
+    params: dict[str, Any] = {"LoadBalancerName": lb.id}
+    if instance_id:
+        params["Instances"] = [{"InstanceId": instance_id}]
+    result = clients.elb.describe_instance_health(**params)
+    return {d["InstanceId"]: classic_state(d) for d in result.get("InstanceStates", [])}
+
+
+def classic_state(description: dict[str, Any]) -> LbState:
+    """Classic ELB reports a draining instance as InService; tell it apart by Description."""
+    state = description.get("State", "Unknown")
+    text = description.get("Description", "")
+    if state == "InService" and "deregistration currently in progress" in text:
+        return LbState("draining", "connection draining")
+    if state == "OutOfService" and "not currently registered" in text:
+        return LbState("OutOfService", "not registered")
+    return LbState(state, "" if state == "InService" else text.rstrip("."))
+
+
+def is_serving(state: LbState | None) -> bool:
+    return state is not None and state.state in ("healthy", "InService")
+
+
+def is_deregistered(state: LbState | None) -> bool:
+    """The meaning of AWS's own waiters: elbv2 target_deregistered (unused, or InvalidTarget)
+    and elb instance_deregistered (OutOfService, or InvalidInstance)."""
+    return state is None or state.state in ("unused", "OutOfService")
+
+
+def drain_seconds(clients: Clients, lb: LoadBalancer) -> float:
+    """How long AWS may keep draining: deregistration delay or connection-draining timeout."""
+    if lb.kind == "tg":
+        result = aws_call(
+            clients.elbv2,
+            "describe_target_group_attributes",
+            f"read attributes of {lb.name}",
+            TargetGroupArn=lb.id,
+        )
+        attrs = {a["Key"]: a["Value"] for a in result.get("Attributes", [])}
+        return float(attrs.get("deregistration_delay.timeout_seconds", 300))
+    result = aws_call(
+        clients.elb,
+        "describe_load_balancer_attributes",
+        f"read attributes of {lb.name}",
+        LoadBalancerName=lb.id,
+    )
+    draining = result.get("LoadBalancerAttributes", {}).get("ConnectionDraining", {})
+    return float(draining.get("Timeout", 300)) if draining.get("Enabled") else 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the gates look at, read once."""
+
+    group: Group
+    me: Member
+    health: dict[LoadBalancer, dict[str, LbState]]
+    activities: tuple[str, ...] = ()
+    refresh: str | None = None
+
+
+def find_group_name(clients: Clients, instance_id: str) -> str:
+    record = describe_asg_instance(clients, instance_id)
+    if record is None:
+        raise NoEnvironment(f"{instance_id} is not in any Auto Scaling group")
+    return str(record["AutoScalingGroupName"])
+
+
+def take_snapshot(clients: Clients, instance_id: str, group_name: str, *, gates: bool) -> Snapshot:
+    group = describe_group(clients, group_name)
+    me = group.member(instance_id)
+    if me is None:
+        raise NoEnvironment(f"{instance_id} is no longer in Auto Scaling group {group_name}")
+    health = {}
+    for lb in group.load_balancers:
+        try:
+            health[lb] = lb_states(clients, lb)
+        except LbGone as e:
+            raise BalancedError(f"{e}, but {group_name} still lists it: detach it from the group") from e
+    if not gates:
+        return Snapshot(group=group, me=me, health=health)
+    return Snapshot(
+        group=group,
+        me=me,
+        health=health,
+        activities=tuple(in_progress_activities(clients, group_name)),
+        refresh=active_instance_refresh(clients, group_name),
+    )
+
+
+###############################################################################
+# Gates #######################################################################
+###############################################################################
+
+
+def serving_instances(group: Group, health: dict[LoadBalancer, dict[str, LbState]]) -> list[str]:
+    """InService and Healthy in the ASG, and healthy in every load balancer."""
+    return [
+        m.instance_id
+        for m in group.members
+        if m.lifecycle == "InService"
+        and m.health.lower() == "healthy"
+        and all(is_serving(states.get(m.instance_id)) for states in health.values())
+    ]
+
+
+def floor_for(full_capacity: int, *, min_healthy: int, min_healthy_percent: float) -> int:
+    """Serving instances that must remain: at least N, and at least P% of full capacity,
+    rounded up (75% of 10 is 8: a floor never rounds in the unsafe direction)."""
+    by_percent = math.ceil(full_capacity * min_healthy_percent / 100 - 1e-9)
+    return max(min_healthy, by_percent)
+
+
+@dataclass(frozen=True)
+class MinSizeRecord:
+    """What the tag says: the operator's MinSize, and the one this rollout holds."""
+
+    original: int
+    rollout: int
+
+    def to_tag(self) -> str:
+        return f"original={self.original} rollout={self.rollout}"
+
+
+def parse_min_size_tag(value: str | None) -> MinSizeRecord | None:
+    if not value:
+        return None
+    fields = dict(part.split("=", 1) for part in value.split() if "=" in part)
+    try:
+        return MinSizeRecord(original=int(fields["original"]), rollout=int(fields["rollout"]))
+    except (KeyError, ValueError):
+        raise BalancedError(
+            f"tag {MIN_SIZE_TAG}={value!r} on the group is not 'original=N rollout=M': "
+            "fix or delete it by hand"
+        ) from None
+
+
+def out_refusals(snap: Snapshot, *, floor: int) -> list[str]:
+    """Why taking this instance out now would be unsafe; empty when it is safe."""
+    group, reasons = snap.group, []
+    if group.status:
+        reasons.append(f"group {group.name} is being changed ({group.status})")
+    if snap.me.lifecycle != "InService":
+        reasons.append(f"this instance is {snap.me.lifecycle}, not InService")
+    blocked = [p for p in BLOCKING_PROCESSES if p in group.suspended]
+    if blocked:
+        reasons.append(
+            f"suspended process {', '.join(blocked)} would keep this instance from coming back "
+            f"(aws autoscaling resume-processes --auto-scaling-group-name {group.name} "
+            f"--scaling-processes {' '.join(blocked)})"
+        )
+    if snap.activities:
+        reasons.append(f"scaling activity in progress: {snap.activities[0]}")
+    if snap.refresh:
+        reasons.append(f"instance refresh in progress: {snap.refresh}")
+    others = [i for i in serving_instances(group, snap.health) if i != snap.me.instance_id]
+    if len(others) < floor:
+        reasons.append(
+            f"only {len(others)} other instance(s) serving in {group.name}, need {floor} "
+            f"({len(others)} of {group.full_capacity} serving, floor {floor})"
+        )
+    reasons += min_size_conflicts(group, floor=floor)
+    return reasons
+
+
+def min_size_conflicts(group: Group, *, floor: int) -> list[str]:
+    record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
+    if record is None:
+        return []
+    if group.min_size not in (record.rollout, record.original):
+        return [
+            (
+                f"MinSize is {group.min_size} but tag {MIN_SIZE_TAG} says {record.to_tag()}: "
+                "someone changed MinSize during a rollout; settle it and delete the tag"
+            )
+        ]
+    if record.rollout != floor and group.out_count:
+        return [
+            (
+                f"another rollout holds MinSize at {record.rollout} with a different floor "
+                f"(this one needs {floor}): use the same --min-healthy/--min-healthy-percent"
+            )
+        ]
+    return []
+
+
+def needs_min_size_change(group: Group, *, floor: int) -> bool:
+    """MinSize is AWS's atomic guard: EnterStandby with decrement fails below it. Held at the
+    floor it allows at most full - floor instances out. Change it only when the operator's
+    value would block this instance, or would let more than full - floor out."""
+    return group.min_size > group.desired - 1 or group.min_size < floor
+
+
+def in_refusals(group: Group, me: Member) -> list[str]:
+    reasons = []
+    if "Launch" in group.suspended:
+        reasons.append(
+            f"suspended process Launch keeps AWS from returning Standby instances to service "
+            f"(aws autoscaling resume-processes --auto-scaling-group-name {group.name} "
+            "--scaling-processes Launch)"
+        )
+    if me.lifecycle == "Standby" and group.desired + 1 > group.max_size:
+        reasons.append(
+            f"leaving Standby raises desired capacity to {group.desired + 1}, above MaxSize {group.max_size}"
+        )
+    return reasons
+
+
+###############################################################################
+# Waiting #####################################################################
+###############################################################################
+
+DONE, WAIT, FAILED = "done", "wait", "failed"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # DONE, WAIT or FAILED
+    explanation: str
+
+
+def next_poll_delay(*, elapsed: float, expected: float, poll: float) -> float:
+    """Poll fast near and after the expected end, slower before it (at most MAX_POLL):
+    a drain that ends early is still seen within MAX_POLL seconds."""
+    remaining = expected - elapsed
+    if remaining <= 2 * poll:
+        return poll
+    return min(max(poll, remaining / 4), max(poll, MAX_POLL))
+
+
+@dataclass
+class Waiter:
+    """One loop for a composite condition under one deadline, probing before the first sleep."""
+
+    log: Log
+    deadline: float
+    poll: float
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def wait(self, probe: Callable[[float], Verdict], *, what: str, expected: float = 0.0) -> Verdict:
+        start = self.clock()
+        last_text, last_logged = "", -math.inf
+        while True:
+            elapsed = self.clock() - start
+            verdict = probe(elapsed)
+            if verdict.status != WAIT:
+                return verdict
+            now = self.clock()
+            left = self.deadline - now
+            if left <= 0:
+                raise TimedOut(f"timed out waiting for {what}; last seen: {verdict.explanation}")
+            if verdict.explanation != last_text or now - last_logged >= PROGRESS_EVERY:
+                self.log.info(
+                    f"waiting: {verdict.explanation}, {fmt_duration(now - start)} elapsed, "
+                    f"{fmt_duration(left)} left"
+                )
+                last_text, last_logged = verdict.explanation, now
+            delay = next_poll_delay(elapsed=now - start, expected=expected, poll=self.poll)
+            self.sleep(min(delay * random.uniform(0.9, 1.1), max(left, 0.01)))
+
+
+def lifecycle_of(clients: Clients, instance_id: str) -> str | None:
+    record = describe_asg_instance(clients, instance_id)
+    return None if record is None else str(record.get("LifecycleState"))
+
+
+def own_lb_states(
+    clients: Clients, lbs: Sequence[LoadBalancer], instance_id: str
+) -> dict[LoadBalancer, LbState]:
+    return {lb: lb_states(clients, lb, instance_id).get(instance_id, LbState("unused")) for lb in lbs}
+
+
+def pending_lbs(states: dict[LoadBalancer, LbState], accept: Callable[[LbState], bool]) -> str:
+    return "; ".join(f"{lb.name} {s.describe()}" for lb, s in states.items() if not accept(s))
+
+
+class AsgProbe:
+    """Asks Auto Scaling only when the load balancers say done, or every ASG_HEARTBEAT
+    seconds to notice a terminated or detached instance early."""
+
+    def __init__(self, clients: Clients, instance_id: str, clock: Callable[[], float]):
+        self.clients, self.instance_id, self.clock = clients, instance_id, clock
+        self.last_at = -math.inf
+        self.lifecycle: str | None = "?"
+
+    def read(self, *, lbs_done: bool) -> str | None:
+        if lbs_done or self.clock() - self.last_at >= ASG_HEARTBEAT:
+            self.lifecycle = lifecycle_of(self.clients, self.instance_id)
+            self.last_at = self.clock()
+        return self.lifecycle
+
+
+def out_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], instance_id: str) -> Verdict:
+    """Out means lifecycle Standby and deregistered from every LB."""
+    if lifecycle is None:
+        return Verdict(FAILED, f"{instance_id} left its Auto Scaling group (terminated or detached)")
+    if lifecycle not in STANDBY_STATES and lifecycle != "?":
+        return Verdict(FAILED, f"{instance_id} is {lifecycle} instead of going to Standby")
+    busy = pending_lbs(states, is_deregistered)
+    if busy:
+        return Verdict(WAIT, f"{busy} (deregistration delay)")
+    if lifecycle != "Standby":
+        return Verdict(WAIT, f"lifecycle {lifecycle}, deregistered everywhere")
+    return Verdict(DONE, "Standby, deregistered from " + lb_count(len(states)))
+
+
+def in_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], instance_id: str) -> Verdict:
+    """In means lifecycle InService and healthy in every LB."""
+    if lifecycle is None:
+        return Verdict(FAILED, f"{instance_id} left its Auto Scaling group (terminated or detached)")
+    if lifecycle.startswith(("Terminating", "Terminated", "Detach", "Warmed")):
+        return Verdict(FAILED, f"{instance_id} is {lifecycle}; it will not come back")
+    busy = pending_lbs(states, is_serving)
+    if busy:
+        return Verdict(WAIT, f"{busy} (health checks)")
+    if lifecycle != "InService":
+        return Verdict(WAIT, f"lifecycle {lifecycle}, healthy everywhere")
+    return Verdict(DONE, "InService, healthy in " + lb_count(len(states)))
+
+
+def lb_count(n: int) -> str:
+    return "1 load balancer" if n == 1 else f"{n} load balancers"
+
+
+def wait_until(
+    verdict_of: Callable[[str | None, dict[LoadBalancer, LbState], str], Verdict],
+    accept: Callable[[LbState], bool],
+    *,
+    ctx: Context,
+    group: Group,
+    what: str,
+    expected: float = 0.0,
+) -> Verdict:
+    asg = AsgProbe(ctx.clients, ctx.instance_id, ctx.waiter.clock)
+    lbs = list(group.load_balancers)
+
+    def probe(_elapsed: float) -> Verdict:
+        try:
+            states = own_lb_states(ctx.clients, lbs, ctx.instance_id)
+        except LbGone as e:
+            if verdict_of is out_verdict:  # gone is as deregistered as it gets
+                ctx.log.warning(f"{e}; nothing to deregister from there")
+                lbs.remove(e.lb)
+                return Verdict(WAIT, str(e))
+            return Verdict(FAILED, f"{e}: the instance can never become healthy there")
+        lbs_done = all(accept(s) for s in states.values())
+        return verdict_of(asg.read(lbs_done=lbs_done), states, ctx.instance_id)
+
+    verdict = ctx.waiter.wait(probe, what=what, expected=expected)
+    if verdict.status == FAILED:
+        raise BalancedError(verdict.explanation)
+    return verdict
+
+
+###############################################################################
+# Actions #####################################################################
+###############################################################################
+
+
+@dataclass
+class Context:
+    """Plain values the commands work with; built once in main()."""
+
+    clients: Clients
+    instance_id: str
+    log: Log
+    waiter: Waiter
+    dry_run: bool = False
+    actions: list[str] = field(default_factory=list)
+    group_name: str = ""
+    lifecycle: str = ""
+
+    def did(self, action: str) -> None:
+        self.actions.append(action)
+        self.log.info(action)
+
+
+def is_min_size_error(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return error_code(cause) == "ValidationError" and "update the AutoScalingGroup sizes" in str(cause)
+
+
+def hold_min_size(ctx: Context, group: Group, *, floor: int) -> None:
+    """Record the operator's MinSize in the tag (first), then set MinSize to the floor."""
+    record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
+    if record is None:
+        record = MinSizeRecord(original=group.min_size, rollout=floor)
+        write_min_size_tag(ctx, group.name, record)
+    if group.min_size == floor:
+        return
+    aws_call(
+        ctx.clients.autoscaling,
+        "update_auto_scaling_group",
+        f"set MinSize of {group.name} to {floor}",
+        AutoScalingGroupName=group.name,
+        MinSize=floor,
+    )
+    ctx.did(
+        f"MinSize of {group.name} {group.min_size} -> {floor} "
+        f"(operator's {record.original} kept in tag {MIN_SIZE_TAG})"
+    )
+
+
+def write_min_size_tag(ctx: Context, group: str, record: MinSizeRecord) -> None:
+    aws_call(
+        ctx.clients.autoscaling,
+        "create_or_update_tags",
+        f"tag {group} with {MIN_SIZE_TAG}",
+        Tags=[
+            {
+                "ResourceId": group,
+                "ResourceType": "auto-scaling-group",
+                "Key": MIN_SIZE_TAG,
+                "Value": record.to_tag(),
+                "PropagateAtLaunch": False,
+            }
+        ],
+    )
+
+
+def release_min_size(ctx: Context, group: Group) -> None:
+    """Give the operator's MinSize back once no instance of the group is out any more.
+    Only after ExitStandby: a MinSize above desired capacity makes AWS launch instances."""
+    record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
+    if record is None:
+        return
+    if group.out_count:
+        ctx.log.info(
+            f"MinSize stays at {group.min_size} while {group.out_count} instance(s) are out; "
+            f"the last one back restores {record.original}"
+        )
+        return
+    if group.min_size == record.rollout and group.min_size != record.original:
+        aws_call(
+            ctx.clients.autoscaling,
+            "update_auto_scaling_group",
+            f"restore MinSize of {group.name} to {record.original}",
+            AutoScalingGroupName=group.name,
+            MinSize=record.original,
+        )
+        ctx.did(f"MinSize of {group.name} restored {group.min_size} -> {record.original}")
+    elif group.min_size != record.original:
+        ctx.log.warning(
+            f"MinSize of {group.name} is {group.min_size}, set by someone else during the rollout "
+            f"(not {record.rollout}); leaving it, not restoring {record.original}"
+        )
+    aws_call(
+        ctx.clients.autoscaling,
+        "delete_tags",
+        f"delete tag {MIN_SIZE_TAG} from {group.name}",
+        Tags=[{"ResourceId": group.name, "ResourceType": "auto-scaling-group", "Key": MIN_SIZE_TAG}],
+    )
+    ctx.log.info(f"removed tag {MIN_SIZE_TAG} from {group.name}")
+
+
+def enter_standby(ctx: Context, group: str) -> None:
+    aws_call(
+        ctx.clients.autoscaling,
+        "enter_standby",
+        "enter Standby",
+        AutoScalingGroupName=group,
+        InstanceIds=[ctx.instance_id],
+        ShouldDecrementDesiredCapacity=True,
+    )
+    ctx.lifecycle = "EnteringStandby"
+    ctx.did(f"EnterStandby {ctx.instance_id} in {group} (desired capacity -1, no replacement)")
+
+
+def exit_standby(ctx: Context, group: str) -> None:
+    aws_call(
+        ctx.clients.autoscaling,
+        "exit_standby",
+        "exit Standby",
+        AutoScalingGroupName=group,
+        InstanceIds=[ctx.instance_id],
+    )
+    ctx.lifecycle = "Pending"
+    ctx.did(f"ExitStandby {ctx.instance_id} in {group} (desired capacity +1)")
+
+
+###############################################################################
+# Commands ####################################################################
+###############################################################################
+
+
+@dataclass
+class Result:
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Floor:
+    min_healthy: int
+    min_healthy_percent: float
+
+    def of(self, group: Group) -> int:
+        return floor_for(
+            group.full_capacity, min_healthy=self.min_healthy, min_healthy_percent=self.min_healthy_percent
+        )
+
+
+def warn_unsupported(ctx: Context, group: Group) -> None:
+    for source in group.unsupported_sources:
+        ctx.log.warning(f"traffic source {source} cannot be checked by this tool; it is not waited for")
+
+
+def expected_drain(ctx: Context, group: Group) -> float:
+    return max((drain_seconds(ctx.clients, lb) for lb in group.load_balancers), default=0.0)
+
+
+def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
+    group_name = ctx.group_name
+    snap = take_snapshot(ctx.clients, ctx.instance_id, group_name, gates=True)
+    warn_unsupported(ctx, snap.group)
+    ctx.lifecycle = snap.me.lifecycle
+    if snap.me.lifecycle in STANDBY_STATES:
+        ctx.log.info(f"{ctx.instance_id} is already {snap.me.lifecycle}; only waiting")
+        return finish_out(ctx, snap.group)
+    snap = wait_for_gates(ctx, snap, floor=floor, wait_for_slot=wait_for_slot)
+    drain = expected_drain(ctx, snap.group)
+    remaining = ctx.waiter.deadline - ctx.waiter.clock()
+    if drain > remaining:
+        raise Refused(
+            f"load balancers may drain for {drain:.0f}s but only {remaining:.0f}s of --timeout are left"
+        )
+    if ctx.dry_run:
+        plan = ["EnterStandby (desired capacity -1)", f"wait up to {drain:.0f}s for draining"]
+        if needs_min_size_change(snap.group, floor=floor.of(snap.group)):
+            plan.insert(0, f"set MinSize {snap.group.min_size} -> {floor.of(snap.group)}")
+        return Result(f"dry run: would {', then '.join(plan)}", {"would": plan})
+    take_out(ctx, snap.group, floor=floor)
+    return finish_out(ctx, snap.group, expected=drain)
+
+
+def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot: bool) -> Snapshot:
+    """Refuse, or with --wait re-check (jittered) until the gates pass or time runs out."""
+    while True:
+        reasons = out_refusals(snap, floor=floor.of(snap.group))
+        if not reasons:
+            return snap
+        left = ctx.waiter.deadline - ctx.waiter.clock()
+        if not wait_for_slot or left <= 0 or snap.me.lifecycle != "InService":
+            raise Refused("; ".join(reasons))
+        ctx.log.info(f"waiting for a slot: {reasons[0]}, {fmt_duration(left)} left")
+        ctx.waiter.sleep(min(left, random.uniform(0.5, 1.5) * max(ctx.waiter.poll * 3, 1.0)))
+        snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
+
+
+def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
+    target = floor.of(group)
+    if needs_min_size_change(group, floor=target):
+        if target > group.desired - 1:
+            raise Refused(f"no free slot: desired capacity {group.desired} - 1 is below the floor {target}")
+        hold_min_size(ctx, group, floor=target)
+    try:
+        enter_standby(ctx, group.name)
+    except BalancedError as e:
+        if is_min_size_error(e):
+            release_after_failure(ctx)
+            raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
+        release_after_failure(ctx)
+        raise
+
+
+def release_after_failure(ctx: Context) -> None:
+    try:
+        release_min_size(ctx, describe_group(ctx.clients, ctx.group_name))
+    except BalancedError as e:
+        ctx.log.warning(f"could not restore MinSize: {e}")
+
+
+def finish_out(ctx: Context, group: Group, *, expected: float = 0.0) -> Result:
+    verdict = wait_until(
+        out_verdict,
+        is_deregistered,
+        ctx=ctx,
+        group=group,
+        what="Standby and deregistration",
+        expected=expected,
+    )
+    ctx.lifecycle = "Standby"
+    return Result(verdict.explanation)
+
+
+def cmd_in(ctx: Context) -> Result:
+    group = describe_group(ctx.clients, ctx.group_name)
+    me = group.member(ctx.instance_id)
+    if me is None:
+        raise NoEnvironment(f"{ctx.instance_id} is no longer in Auto Scaling group {group.name}")
+    warn_unsupported(ctx, group)
+    ctx.lifecycle = me.lifecycle
+    if me.lifecycle == "EnteringStandby":
+        ctx.log.info("still EnteringStandby (an earlier out); waiting for Standby first")
+        finish_out(ctx, group)
+        group = describe_group(ctx.clients, ctx.group_name)
+        me = group.member(ctx.instance_id) or me
+    reasons = in_refusals(group, me)
+    if reasons and me.lifecycle == "Standby":
+        raise Refused("; ".join(reasons))
+    if me.lifecycle == "Standby":
+        if ctx.dry_run:
+            return Result(
+                "dry run: would ExitStandby, then wait for health checks", {"would": ["ExitStandby"]}
+            )
+        exit_standby(ctx, group.name)
+        group = describe_group(ctx.clients, ctx.group_name)
+    elif me.lifecycle != "InService" and me.lifecycle not in PENDING_STATES:
+        raise BalancedError(f"{ctx.instance_id} is {me.lifecycle}; cannot bring it back from there")
+    else:
+        ctx.log.info(f"{ctx.instance_id} is already {me.lifecycle}; only waiting")
+    if not ctx.dry_run:
+        release_min_size(ctx, group)
+    verdict = wait_until(in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy")
+    ctx.lifecycle = "InService"
+    return Result(verdict.explanation)
+
+
+def cmd_status(ctx: Context, *, floor: Floor) -> Result:
+    snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
+    group = snap.group
+    ctx.lifecycle = snap.me.lifecycle
+    serving = serving_instances(group, snap.health)
+    reasons = out_refusals(snap, floor=floor.of(group))
+    lines = [
+        f"instance   {ctx.instance_id}  {snap.me.lifecycle}  {snap.me.health}",
+        (
+            f"group      {group.name}  min {group.min_size}  desired {group.desired}  max {group.max_size}"
+            f"  out {group.out_count}  serving {len(serving)}/{group.full_capacity}  floor {floor.of(group)}"
+        ),
+    ]
+    for lb, states in snap.health.items():
+        mine = states.get(ctx.instance_id)
+        lines.append(f"lb         {lb.name}  {mine.describe() if mine else 'not registered'}  ({lb.id})")
+    for source in group.unsupported_sources:
+        lines.append(f"unchecked  {source}")
+    if group.suspended:
+        lines.append(f"suspended  {', '.join(sorted(group.suspended))}")
+    if MIN_SIZE_TAG in group.tags:
+        lines.append(f"tag        {MIN_SIZE_TAG}={group.tags[MIN_SIZE_TAG]}")
+    lines.append("out now    " + ("allowed" if not reasons else "refused: " + "; ".join(reasons)))
+    details = {
+        "lifecycle_state": snap.me.lifecycle,
+        "health_status": snap.me.health,
+        "min_size": group.min_size,
+        "desired_capacity": group.desired,
+        "max_size": group.max_size,
+        "serving": serving,
+        "floor": floor.of(group),
+        "out_allowed": not reasons,
+        "out_refusals": reasons,
+        "load_balancers": [
+            {"name": lb.name, "id": lb.id, "state": (s.get(ctx.instance_id) or LbState("unregistered")).state}
+            for lb, s in snap.health.items()
+        ],
+        "text": lines,
+    }
+    return Result(f"{snap.me.lifecycle}, {len(serving)} of {group.full_capacity} serving", details)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0 or value > 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100: {text!r}")
+    return value
+
+
+def instance_id_arg(text: str) -> str:
+    if not INSTANCE_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"not an EC2 instance id (i-0123456789abcdef0): {text!r}")
+    return text
+
+
+def region_arg(text: str) -> str:
+    if not REGION_RE.match(text):
+        raise argparse.ArgumentTypeError(f"not an AWS region (e.g. us-east-1): {text!r}")
+    return text
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        help="give up after this many seconds (default %(default).0f)",
+    )
+    parser.add_argument(
+        "--poll",
+        type=positive_seconds,
+        default=DEFAULT_POLL,
+        help="base poll interval in seconds (default %(default).0f)",
+    )
+    parser.add_argument(
+        "--instance-id", type=instance_id_arg, help="skip the metadata lookup of the instance id"
+    )
+    parser.add_argument("--region", type=region_arg, help="skip the region lookup")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the gates and print the plan; change nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the result on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (ARNs, API details)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and the summary line")
+
+
+def add_floor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-healthy",
+        type=non_negative_int,
+        default=1,
+        help="other instances that must stay serving (default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-healthy-percent",
+        type=percent,
+        default=0.0,
+        help="...and at least this percent of the group's full capacity (default %(default).0f)",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="when a gate refuses, re-check until it passes or --timeout runs out",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balanced",
+        description="Take this EC2 instance out of its load balancers and back in, safely.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 refused (nothing changed), "
+        "4 timed out after acting, 5 environment, 130/143 interrupted",
+    )
+    parser.add_argument("--version", action="version", version=f"balanced {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{out,in,status,run}")
+    out = commands.add_parser("out", help="check safety, enter Standby, wait until drained and deregistered")
+    add_common_options(out)
+    add_floor_options(out)
+    back = commands.add_parser("in", help="leave Standby, wait until InService and healthy everywhere")
+    add_common_options(back)
+    status = commands.add_parser("status", help="show the instance, its group and load balancers")
+    add_common_options(status)
+    add_floor_options(status)
+    run = commands.add_parser("run", help="out, then CMD, then in if CMD succeeded")
+    add_common_options(run)
+    add_floor_options(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    return parser
+
+
+def next_step(command: str, code: int, ctx: Context | None) -> str:
+    """What the operator should do after a failure."""
+    if code == EXIT_REFUSED:
+        return "nothing changed; safe to retry later"
+    if code == EXIT_ENVIRONMENT:
+        return "run it on an EC2 instance of an Auto Scaling group, with credentials"
+    if ctx is None or not ctx.actions:
+        return "nothing was changed"
+    if command == "out":
+        return (
+            f"{ctx.instance_id} left {ctx.lifecycle or 'mid-transition'}; rerun 'balanced.py out' "
+            "to finish waiting, or 'balanced.py in' to put it back"
+        )
+    return (
+        f"{ctx.instance_id} left {ctx.lifecycle or 'mid-transition'}; rerun 'balanced.py in' "
+        "to finish waiting"
+    )
+
+
+def summary_line(command: str, code: int, ctx: Context | None, message: str, elapsed: float) -> str:
+    who = f"{ctx.instance_id} {ctx.group_name}".strip() if ctx else "-"
+    text = f"balanced: {command}: {OUTCOMES.get(code, 'FAILED')} ({code}) {who}: {message}"
+    if code != EXIT_OK:
+        text += f"; {next_step(command, code, ctx)}"
+    return f"{text} [{fmt_duration(elapsed)}]"
+
+
+def raise_on_signal(signum: int, _frame: Any) -> NoReturn:
+    raise Interrupted(signum)
+
+
+def build_context(args: argparse.Namespace, log: Log, started: float) -> Context:
+    environ = dict(os.environ)
+    identity = resolve_identity(instance_id=args.instance_id, region=args.region, environ=environ)
+    log.prefix = f"balanced {args.command} {identity.instance_id}"
+    clients = make_clients(identity.region, environ)
+    waiter = Waiter(log=log, deadline=started + args.timeout, poll=args.poll)
+    ctx = Context(
+        clients=clients, instance_id=identity.instance_id, log=log, waiter=waiter, dry_run=args.dry_run
+    )
+    ctx.group_name = find_group_name(clients, identity.instance_id)
+    log.debug(f"region {identity.region}, group {ctx.group_name}")
+    return ctx
+
+
+def run_command(args: argparse.Namespace, ctx: Context) -> Result:
+    floor = Floor(getattr(args, "min_healthy", 1), getattr(args, "min_healthy_percent", 0.0))
+    if args.command == "out":
+        return cmd_out(ctx, floor=floor, wait_for_slot=args.wait)
+    if args.command == "in":
+        return cmd_in(ctx)
+    if args.command == "status":
+        return cmd_status(ctx, floor=floor)
+    raise BalancedError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    log = Log(level=VERBOSE if args.verbose else QUIET if args.quiet else NORMAL)
+    signal.signal(signal.SIGTERM, raise_on_signal)
+    signal.signal(signal.SIGINT, raise_on_signal)
+    ctx: Context | None = None
+    details: dict[str, Any] = {}
+    try:
+        ctx = build_context(args, log, started)
+        result = run_command(args, ctx)
+        code, message, details = EXIT_OK, result.message, result.details
+    except BalancedError as e:
+        code, message = e.exit_code, str(e)
+    except Exception as e:  # noqa: BLE001 - the one place that turns surprises into exit 1
+        code, message = EXIT_FAILED, f"internal error: {type(e).__name__}: {e}"
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        else:
+            message += " (rerun with -v for the traceback)"
+    elapsed = time.monotonic() - started
+    if args.command == "status" and code == EXIT_OK and not args.json:
+        print("\n".join(details.pop("text", [])))
+    if args.json:
+        details.pop("text", None)
+        print(json.dumps(result_json(args.command, code, message, ctx, elapsed, details)))
+    print(summary_line(args.command, code, ctx, message, elapsed), file=sys.stderr, flush=True)
+    return code
+
+
+def result_json(
+    command: str, code: int, message: str, ctx: Context | None, elapsed: float, details: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "command": command,
+        "outcome": OUTCOMES.get(code, "FAILED"),
+        "exit_code": code,
+        "message": message,
+        "instance_id": ctx.instance_id if ctx else None,
+        "group": ctx.group_name if ctx else None,
+        "lifecycle_state": ctx.lifecycle if ctx else None,
+        "actions": ctx.actions if ctx else [],
+        "elapsed_seconds": round(elapsed, 3),
+        **details,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
