@@ -30,6 +30,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -482,10 +483,9 @@ def group_from_api(raw: dict[str, Any]) -> Group:
     )
 
 
-def in_progress_activities(clients: Clients, group: str) -> list[str]:
-    """Descriptions of the group's unfinished scaling activities, except standby moves.
-    AWS lists in-progress activities first, so paging stops at the first finished one."""
-    found: list[str] = []
+def unfinished_activities(clients: Clients, group: str) -> Iterator[dict[str, Any]]:
+    """The group's scaling activities that have not finished. AWS lists unfinished activities
+    first, so paging stops at the first finished one."""
     for page in aws_pages(
         clients.autoscaling,
         "describe_scaling_activities",
@@ -495,11 +495,17 @@ def in_progress_activities(clients: Clients, group: str) -> list[str]:
     ):
         for activity in page.get("Activities", []):
             if activity.get("StatusCode") in TERMINAL_ACTIVITY_CODES:
-                return found
-            description = activity.get("Description", "")
-            if not description.startswith(STANDBY_ACTIVITY_PREFIXES):
-                found.append(f"{description} ({activity.get('StatusCode')})")
-    return found
+                return
+            yield activity
+
+
+def in_progress_activities(clients: Clients, group: str) -> list[str]:
+    """Unfinished activities other than standby moves, which the floor already counts."""
+    return [
+        f"{a.get('Description', '?')} ({a.get('StatusCode')})"
+        for a in unfinished_activities(clients, group)
+        if not a.get("Description", "").startswith(STANDBY_ACTIVITY_PREFIXES)
+    ]
 
 
 def active_instance_refresh(clients: Clients, group: str) -> str | None:
@@ -1071,40 +1077,65 @@ def expected_drain(ctx: Context, group: Group) -> float:
 
 
 def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
-    group_name = ctx.group_name
-    snap = take_snapshot(ctx.clients, ctx.instance_id, group_name, gates=True)
+    snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
     warn_unsupported(ctx, snap.group)
     ctx.lifecycle = snap.me.lifecycle
     if snap.me.lifecycle in STANDBY_STATES:
         ctx.log.info(f"{ctx.instance_id} is already {snap.me.lifecycle}; only waiting")
         return finish_out(ctx, snap.group)
-    snap = wait_for_gates(ctx, snap, floor=floor, wait_for_slot=wait_for_slot)
     drain = expected_drain(ctx, snap.group)
-    remaining = ctx.waiter.deadline - ctx.waiter.clock()
-    if drain > remaining:
-        raise Refused(
-            f"load balancers may drain for {drain:.0f}s but only {remaining:.0f}s of --timeout are left"
-        )
-    if ctx.dry_run:
-        plan = ["EnterStandby (desired capacity -1)", f"wait up to {drain:.0f}s for draining"]
-        if needs_min_size_change(snap.group, floor=floor.of(snap.group)):
-            plan.insert(0, f"set MinSize {snap.group.min_size} -> {floor.of(snap.group)}")
-        return Result(f"dry run: would {', then '.join(plan)}", {"would": plan})
-    take_out(ctx, snap.group, floor=floor)
-    return finish_out(ctx, snap.group, expected=drain)
+    while True:
+        snap = wait_for_gates(ctx, snap, floor=floor, wait_for_slot=wait_for_slot)
+        remaining = ctx.waiter.deadline - ctx.waiter.clock()
+        if drain > remaining:
+            raise Refused(
+                f"load balancers may drain for {drain:.0f}s but only {remaining:.0f}s of --timeout are left"
+            )
+        if ctx.dry_run:
+            return Result(f"dry run: would {', then '.join(out_plan(snap.group, floor, drain))}")
+        try:
+            take_out(ctx, snap.group, floor=floor)
+        except Refused as e:
+            if not wait_for_slot or ctx.waiter.deadline <= ctx.waiter.clock():
+                raise
+            ctx.log.info(f"waiting for a slot: {e}")
+        else:
+            if keeps_its_slot(ctx, floor=floor):
+                return finish_out(ctx, snap.group, expected=drain)
+            yield_slot(ctx)
+            if not wait_for_slot:
+                raise Refused("yielded to a concurrent out that took the same slot; back InService")
+        pause_before_recheck(ctx)
+        snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
+
+
+def out_plan(group: Group, floor: Floor, drain: float) -> list[str]:
+    plan = ["EnterStandby (desired capacity -1)", f"wait up to {drain:.0f}s for draining"]
+    if needs_min_size_change(group, floor=floor.of(group)):
+        plan.insert(0, f"set MinSize {group.min_size} -> {floor.of(group)}")
+    return plan
+
+
+def pause_before_recheck(ctx: Context) -> None:
+    """Jittered, so that ten instances waiting for a slot do not poll in lock-step."""
+    left = ctx.waiter.deadline - ctx.waiter.clock()
+    ctx.waiter.sleep(max(0.0, min(left, random.uniform(0.5, 1.5) * max(ctx.waiter.poll * 3, 1.0))))
 
 
 def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot: bool) -> Snapshot:
-    """Refuse, or with --wait re-check (jittered) until the gates pass or time runs out."""
+    """Refuse, or with --wait re-check until the gates pass or time runs out."""
     while True:
         reasons = out_refusals(snap, floor=floor.of(snap.group))
         if not reasons:
             return snap
-        left = ctx.waiter.deadline - ctx.waiter.clock()
-        if not wait_for_slot or left <= 0 or snap.me.lifecycle != "InService":
+        if not wait_for_slot or ctx.waiter.deadline <= ctx.waiter.clock() or snap.me.lifecycle != "InService":
             raise Refused("; ".join(reasons))
-        ctx.log.info(f"waiting for a slot: {reasons[0]}, {fmt_duration(left)} left")
-        ctx.waiter.sleep(min(left, random.uniform(0.5, 1.5) * max(ctx.waiter.poll * 3, 1.0)))
+        serving = len(serving_instances(snap.group, snap.health))
+        ctx.log.info(
+            f"waiting for a slot: {serving} of {snap.group.full_capacity} serving, "
+            f"floor {floor.of(snap.group)} ({reasons[0]})"
+        )
+        pause_before_recheck(ctx)
         snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
 
 
@@ -1117,11 +1148,53 @@ def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
     try:
         enter_standby(ctx, group.name)
     except BalancedError as e:
-        if is_min_size_error(e):
-            release_after_failure(ctx)
-            raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
         release_after_failure(ctx)
+        if is_min_size_error(e):
+            raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
         raise
+
+
+STANDBY_ENTRY_RE = re.compile(r"Moving EC2 instance to Standby: (i-[0-9a-f]+)")
+
+
+def standby_entrants(clients: Clients, group: Group) -> list[str]:
+    """Instances now EnteringStandby, oldest EnterStandby first (activity start, then id)."""
+    entering = {m.instance_id for m in group.members if m.lifecycle == "EnteringStandby"}
+    started: dict[str, str] = {}
+    for activity in unfinished_activities(clients, group.name):
+        match = STANDBY_ENTRY_RE.match(activity.get("Description", ""))
+        if match and match.group(1) in entering:
+            started.setdefault(match.group(1), str(activity.get("StartTime", "")))
+    return sorted(entering, key=lambda i: (started.get(i, "~"), i))
+
+
+def yielders(entrants: list[str], *, deficit: int) -> list[str]:
+    """The latest entrants give their slot back: exactly the excess, never all, never none."""
+    if deficit <= 0:
+        return []
+    return entrants[-deficit:]
+
+
+def keeps_its_slot(ctx: Context, *, floor: Floor) -> bool:
+    """Re-check the floor right after EnterStandby: a concurrent out may have read the same state."""
+    snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=False)
+    needed = floor.of(snap.group)
+    serving = len(serving_instances(snap.group, snap.health))
+    if serving >= needed:
+        return True
+    losers = yielders(standby_entrants(ctx.clients, snap.group), deficit=needed - serving)
+    ctx.log.warning(
+        f"floor broken by a concurrent out: {serving} serving, floor {needed}; yielding: {', '.join(losers)}"
+    )
+    return ctx.instance_id not in losers
+
+
+def yield_slot(ctx: Context) -> None:
+    """Give the slot back: AWS allows ExitStandby only from Standby, so drain first."""
+    group = describe_group(ctx.clients, ctx.group_name)
+    finish_out(ctx, group)
+    cmd_in(ctx)
+    ctx.actions.append("yielded the slot: back InService")
 
 
 def release_after_failure(ctx: Context) -> None:
@@ -1217,6 +1290,45 @@ def cmd_status(ctx: Context, *, floor: Floor) -> Result:
         "text": lines,
     }
     return Result(f"{snap.me.lifecycle}, {len(serving)} of {group.full_capacity} serving", details)
+
+
+def cmd_run(ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str], timeout: float) -> Result:
+    """out, CMD, in. A failed CMD leaves the instance out: a broken server stays out of traffic."""
+    cmd_out(ctx, floor=floor, wait_for_slot=wait_for_slot)
+    if ctx.dry_run:
+        return Result(f"dry run: would take the instance out, run {' '.join(argv)}, and put it back")
+    ctx.log.info(f"running: {' '.join(argv)}")
+    code = run_forwarding_signals(argv)
+    if code != 0:
+        raise CommandFailed(code, argv)
+    ctx.log.info("command succeeded; putting the instance back")
+    ctx.waiter.deadline = ctx.waiter.clock() + timeout  # in gets a full --timeout of its own
+    return cmd_in(ctx)
+
+
+class CommandFailed(BalancedError):
+    def __init__(self, code: int, argv: list[str]) -> None:
+        super().__init__(f"command exited {code}: {' '.join(argv)}; the instance stays out of service")
+        self.exit_code = code
+
+
+def run_forwarding_signals(argv: list[str]) -> int:
+    """Run CMD; SIGINT/SIGTERM reach it instead of interrupting us, so it can clean up."""
+    try:
+        child = subprocess.Popen(argv)
+    except OSError as e:
+        raise BalancedError(f"cannot run {argv[0]}: {e.strerror}") from None
+
+    def forward(signum: int, _frame: Any) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
 ###############################################################################
@@ -1388,11 +1500,22 @@ def run_command(args: argparse.Namespace, ctx: Context) -> Result:
         return cmd_in(ctx)
     if args.command == "status":
         return cmd_status(ctx, floor=floor)
-    raise BalancedError(f"unknown command {args.command}")
+    return cmd_run(ctx, floor=floor, wait_for_slot=args.wait, argv=args.cmd, timeout=args.timeout)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.cmd[:1] == ["--"]:
+            args.cmd = args.cmd[1:]
+        if not args.cmd:
+            parser.error("run needs a command after --, e.g. balanced run -- sudo chef-client")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     started = time.monotonic()
     log = Log(level=VERBOSE if args.verbose else QUIET if args.quiet else NORMAL)
     signal.signal(signal.SIGTERM, raise_on_signal)
