@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 SCRIPT = Path(__file__).resolve().parent.parent / "balanced.py"
-MUTATING = frozenset({"EnterStandby", "ExitStandby", "UpdateAutoScalingGroup", "CreateOrUpdateTags", "DeleteTags"})
+MUTATING = frozenset(
+    {"EnterStandby", "ExitStandby", "UpdateAutoScalingGroup", "CreateOrUpdateTags", "DeleteTags"}
+)
 # Compressed AWS: drains and health checks of about a second, so poll fast.
 FAST = ("--poll", "0.1")
 
@@ -47,4 +49,5 @@ def balanced(
 
 
 def mutations(aws: Any) -> list[str]:
-    return [c.action for c in aws.calls if c.action in MUTATING and c.fault is None]
+    """The changes AWS accepted, in order."""
+    return [c.action for c in aws.calls if c.action in MUTATING and c.ok]

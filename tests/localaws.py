@@ -103,6 +103,15 @@ def _page(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Member:
+    """One instance as `LocalAWS.fleet_snapshot` saw it."""
+
+    instance_id: str
+    lifecycle: str
+    serving: bool  # InService, Healthy, and healthy in every load balancer of the group
+
+
 @dataclass
 class Group:
     """What `LocalAWS.make_group` built."""
@@ -722,6 +731,11 @@ class Call:
     params: dict[str, str]
     version: str = ""  # "2012-06-01" (classic ELB) vs "2015-12-01" (ELBv2)
     fault: str | None = None
+    status: int = 0  # HTTP status answered: 200 means AWS did it
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
 
 
 @dataclass
@@ -765,29 +779,42 @@ class _Gateway:
         if "x-www-form-urlencoded" in environ.get("CONTENT_TYPE", ""):
             params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         action = params.get("Action")
-        if action and not environ.get("HTTP_" + INTERNAL_HEADER.upper().replace("-", "_")):
-            fault = self._record(environ, action, params)
-            if fault is not None:
-                return _error_response(start_response, fault)
-        with self.sim.lock:
-            self.sim.advance()
-            return list(self.app(environ, start_response))  # materialize while holding the lock
-
-    def _record(self, environ: dict[str, Any], action: str, params: dict[str, str]) -> _Fault | None:
-        scope = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if not action or environ.get("HTTP_" + INTERNAL_HEADER.upper().replace("-", "_")):
+            return self._serve(environ, start_response)[1]
+        started = time.monotonic()
         with self.lock:
             fault = self._pick_fault(action)
-            self.calls.append(
-                Call(
-                    time.monotonic(),
-                    scope.group(1) if scope else "",
-                    action,
-                    params,
-                    params.get("Version", ""),
-                    fault.code if fault else None,
-                )
-            )
-        return fault
+        if fault is not None:
+            status, body = fault.status, _error_response(start_response, fault)
+        else:
+            status, body = self._serve(environ, start_response)
+        scope = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        call = Call(
+            started,
+            scope.group(1) if scope else "",
+            action,
+            params,
+            params.get("Version", ""),
+            fault.code if fault else None,
+            status,
+        )
+        with self.lock:
+            self.calls.append(call)
+        return body
+
+    def _serve(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> tuple[int, list[bytes]]:
+        """moto's answer, computed under the sim lock (one request at a time, as AWS applies
+        updates to a group), with the HTTP status it gave."""
+        seen: list[int] = []
+
+        def recording_start_response(status: str, headers: Any, *exc: Any) -> Any:
+            seen.append(int(status.split()[0]))
+            return start_response(status, headers, *exc)
+
+        with self.sim.lock:
+            self.sim.advance()
+            body = list(self.app(environ, recording_start_response))  # materialize under the lock
+        return (seen[0] if seen else 0), body
 
     def _pick_fault(self, action: str) -> _Fault | None:
         for shot in self.one_shots:
@@ -1209,6 +1236,30 @@ class LocalAWS:
             if health is None:
                 return ("OutOfService", "Instance is not currently registered with the LoadBalancer.")
             return (health[0], health[2])
+
+    def fleet_snapshot(self, group: str) -> dict[str, Member]:
+        """Every instance of the group at one instant (under the sim lock): what a monitor
+        needs to check a disruption budget strictly."""
+        with self._sim.lock:
+            self._sim.advance()
+            now = time.monotonic()
+            g = self._sim.group(group)
+            result = {}
+            for state in g.instance_states:
+                iid = state.instance.id
+                in_lbs = [
+                    self._sim.target_health(ident, iid, now) == {"State": "healthy"}
+                    if kind == "tg"
+                    else self._sim.elb_health(ident, iid, now) == ("InService", "N/A", "N/A")
+                    for kind, ident in self._sim.lb_keys(g)
+                ]
+                serving = (
+                    state.lifecycle_state == "InService"
+                    and state.health_status.lower() == "healthy"
+                    and all(in_lbs)
+                )
+                result[iid] = Member(iid, state.lifecycle_state, serving)
+            return result
 
     def group_sizes(self, group: str) -> tuple[int, int, int]:
         """(MinSize, DesiredCapacity, MaxSize)."""

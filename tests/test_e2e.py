@@ -102,7 +102,9 @@ def test_out_twice_and_in_twice_are_fine(aws: Any, imds: Any, env: dict[str, str
     assert mutations(aws) == ["EnterStandby", "ExitStandby"]
 
 
-def test_in_after_an_interrupted_out_waits_for_standby_then_returns(aws: Any, imds: Any, env: dict[str, str]) -> None:
+def test_in_after_an_interrupted_out_waits_for_standby_then_returns(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
     group = aws.make_group(size=3, min_size=1, deregistration_delay=1.5)
     me = group.instance_ids[0]
     on(imds, me)
@@ -137,14 +139,19 @@ def test_desired_equal_to_min_lowers_min_size_with_a_tag_and_in_restores_it(
     assert "balanced:min-size" not in aws.group_tags(group.name)
     # Restored only after ExitStandby: otherwise AWS raises desired and launches an instance.
     assert mutations(aws) == ["ExitStandby", "UpdateAutoScalingGroup", "DeleteTags"]
-    assert len(aws.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"]) == 2
+    assert (
+        len(aws.client("autoscaling").describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"])
+        == 2
+    )
 
     aws.clear_calls()
     assert balanced("in", env=env).code == 0  # a second in restores nothing twice
     assert mutations(aws) == []
 
 
-def test_a_min_size_changed_by_someone_else_is_not_overwritten(aws: Any, imds: Any, env: dict[str, str]) -> None:
+def test_a_min_size_changed_by_someone_else_is_not_overwritten(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
     group = aws.make_group(size=2, min_size=2, max_size=3)
     on(imds, group.instance_ids[0])
     assert balanced("out", env=env).code == 0
@@ -169,7 +176,9 @@ def start_refresh(aws: Any, group: Any) -> None:
 
 def suspend(process: str) -> Any:
     def apply(aws: Any, group: Any) -> None:
-        aws.client("autoscaling").suspend_processes(AutoScalingGroupName=group.name, ScalingProcesses=[process])
+        aws.client("autoscaling").suspend_processes(
+            AutoScalingGroupName=group.name, ScalingProcesses=[process]
+        )
 
     return apply
 
@@ -193,7 +202,14 @@ def me_pending(aws: Any, group: Any) -> None:
         (peers_unhealthy, "only 0 other instance(s) serving in web-asg, need 1"),
         (me_pending, "this instance is Pending, not InService"),
     ],
-    ids=["activity", "refresh", "launch-suspended", "add-to-lb-suspended", "too-few-healthy", "not-in-service"],
+    ids=[
+        "activity",
+        "refresh",
+        "launch-suspended",
+        "add-to-lb-suspended",
+        "too-few-healthy",
+        "not-in-service",
+    ],
 )
 def test_out_is_refused_with_nothing_changed(
     aws: Any, imds: Any, env: dict[str, str], make_unsafe: Any, reason: str
@@ -264,7 +280,9 @@ def test_in_timeout_reports_the_unhealthy_target(aws: Any, imds: Any, env: dict[
     assert "rerun 'balanced.py in'" in run.summary
 
 
-def test_out_refuses_when_the_drain_cannot_fit_in_the_timeout(aws: Any, imds: Any, env: dict[str, str]) -> None:
+def test_out_refuses_when_the_drain_cannot_fit_in_the_timeout(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
     group = aws.make_group(size=3, min_size=1, deregistration_delay=30)
     on(imds, group.instance_ids[0])
     run = balanced("out", "--timeout", "5", env=env)
@@ -303,7 +321,12 @@ def test_metadata_requires_the_token_and_region_comes_from_the_identity_document
 
 @pytest.mark.parametrize(
     "args",
-    [["sideways"], ["out", "--timeout", "-5"], ["in", "--poll", "soon"], ["out", "--min-healthy-percent", "200"]],
+    [
+        ["sideways"],
+        ["out", "--timeout", "-5"],
+        ["in", "--poll", "soon"],
+        ["out", "--min-healthy-percent", "200"],
+    ],
 )
 def test_bad_arguments_exit_2_without_a_traceback(args: list[str], aws: Any) -> None:
     run = balanced(*args, env=aws.env(), fast=False)

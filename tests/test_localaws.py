@@ -4,6 +4,8 @@ Timing assertions are only "before the delay it is X; later (polled, with a dead
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +18,7 @@ from botocore.exceptions import ClientError
 
 from tests.imds import FakeIMDS
 from tests.localaws import Group, LocalAWS
+
 
 def eventually(read: Callable[[], object], expected: object, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
@@ -79,7 +82,7 @@ def test_make_group_is_healthy_everywhere(aws: LocalAWS) -> None:
 
 
 def test_enter_standby_drains_then_standby(aws: LocalAWS) -> None:
-    g = aws.make_group(size=3, min_size=2, deregistration_delay=0.6)
+    g = aws.make_group(size=3, min_size=2, deregistration_delay=1.0)
     iid = g.instance_ids[0]
     act = enter(aws, g, iid)
 
@@ -105,7 +108,7 @@ def test_enter_standby_drains_then_standby(aws: LocalAWS) -> None:
 
 def test_standby_waits_for_the_slowest_lb_and_the_lag(aws: LocalAWS) -> None:
     g = aws.make_group(size=2, min_size=0, target_groups=2, deregistration_delay=0.2)
-    aws.set_deregistration_delay(g.tg_arns[1], 0.6)
+    aws.set_deregistration_delay(g.tg_arns[1], 1.5)
     aws.standby_lag = 0.2
     iid = g.instance_ids[0]
     enter(aws, g, iid)
@@ -173,7 +176,7 @@ def _in_standby(aws: LocalAWS, **kwargs: Any) -> tuple[Group, str]:
 
 
 def test_exit_standby_pending_then_in_service_and_healthy(aws: LocalAWS) -> None:
-    g, iid = _in_standby(aws, health_seconds=1.0, pending_seconds=0.5)
+    g, iid = _in_standby(aws, health_seconds=1.2, pending_seconds=0.8)
     response = aws.client("autoscaling").exit_standby(AutoScalingGroupName=g.name, InstanceIds=[iid])
     (act,) = response["Activities"]
     assert act["Description"] == f"Moving EC2 instance out of Standby: {iid}"
@@ -205,7 +208,7 @@ def test_exit_standby_validation(aws: LocalAWS) -> None:
 
 
 def test_classic_elb_draining_and_registration(aws: LocalAWS) -> None:
-    g = aws.make_group(size=2, min_size=1, target_groups=0, classic_elbs=1, connection_draining=0.6)
+    g = aws.make_group(size=2, min_size=1, target_groups=0, classic_elbs=1, connection_draining=1.0)
     iid, elb_name = g.instance_ids[0], g.elb_names[0]
     elb = aws.client("elb")
 
@@ -299,7 +302,7 @@ def test_instance_refreshes_and_traffic_sources(aws: LocalAWS) -> None:
 
 
 def test_scaling_activities_in_progress_first(aws: LocalAWS) -> None:
-    g = aws.make_group(size=3, min_size=2, deregistration_delay=0.2)
+    g = aws.make_group(size=3, min_size=2, deregistration_delay=5)  # the standby stays in progress
     done = aws.start_activity(g.name, "Launching a new EC2 instance: i-0aaa")
     aws.finish_activity(done)
     standby = enter(aws, g, g.instance_ids[0])["ActivityId"]
@@ -404,6 +407,17 @@ def test_env_for_subprocesses(aws: LocalAWS) -> None:
     assert env["AWS_ENDPOINT_URL"] == aws.endpoint and env["EXTRA"] == "1" and "AWS_REGION" not in env
     assert env["AWS_CONFIG_FILE"] == env["AWS_SHARED_CREDENTIALS_FILE"] == "/dev/null"
     assert "PATH" in env
+
+    g = aws.make_group(size=1)
+    # botocore itself reads AWS_DEFAULT_REGION, not AWS_REGION: the program must pass the region.
+    script = (
+        "import boto3, os; asg = boto3.client('autoscaling', region_name=os.environ['AWS_REGION']); "
+        "print(asg.describe_auto_scaling_groups())"
+    )
+    argv = [sys.executable, "-c", script]
+    out = subprocess.run(argv, env=aws.env(), capture_output=True, text=True, timeout=60)
+    assert f"'AutoScalingGroupName': '{g.name}'" in out.stdout, out.stderr
+    assert [c.service for c in aws.calls_of("DescribeAutoScalingGroups")] == ["autoscaling"]
 
 
 # -- FakeIMDS ---------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import pytest
 
 import balanced as b
 
-TG = b.LoadBalancer("tg", "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef")
+TG = b.LoadBalancer(
+    "tg", "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef"
+)
 ELB = b.LoadBalancer("elb", "web-classic")
 
 
@@ -126,7 +128,15 @@ def test_in_refuses_when_launch_is_suspended_or_max_size_would_break() -> None:
 
 @pytest.mark.parametrize(
     ("full", "n", "p", "floor"),
-    [(10, 1, 0, 1), (10, 1, 75, 8), (20, 1, 75, 15), (4, 1, 50, 2), (3, 5, 0, 5), (1, 0, 100, 1), (7, 0, 10, 1)],
+    [
+        (10, 1, 0, 1),
+        (10, 1, 75, 8),
+        (20, 1, 75, 15),
+        (4, 1, 50, 2),
+        (3, 5, 0, 5),
+        (1, 0, 100, 1),
+        (7, 0, 10, 1),
+    ],
 )
 def test_floor_is_the_larger_of_count_and_percent_rounded_up(full: int, n: int, p: float, floor: int) -> None:
     assert b.floor_for(full, min_healthy=n, min_healthy_percent=p) == floor
@@ -181,7 +191,9 @@ def test_out_verdict(lifecycle: str | None, tg: b.LbState, status: str) -> None:
 
 
 def test_out_verdict_waits_for_classic_connection_draining() -> None:
-    draining = b.classic_state({"State": "InService", "Description": "Instance deregistration currently in progress."})
+    draining = b.classic_state(
+        {"State": "InService", "Description": "Instance deregistration currently in progress."}
+    )
     verdict = b.out_verdict("Standby", {TG: b.LbState("unused"), ELB: draining}, "i-1")
     assert verdict.status == b.WAIT and "elb/web-classic draining" in verdict.explanation
 
@@ -230,7 +242,9 @@ class FakeClock:
 
 
 def make_waiter(clock: FakeClock, *, timeout: float, poll: float = 1.0) -> b.Waiter:
-    return b.Waiter(log=b.Log(level=b.QUIET), deadline=clock() + timeout, poll=poll, clock=clock, sleep=clock.sleep)
+    return b.Waiter(
+        log=b.Log(level=b.QUIET), deadline=clock() + timeout, poll=poll, clock=clock, sleep=clock.sleep
+    )
 
 
 def test_wait_probes_before_sleeping_and_stops_when_done() -> None:
@@ -310,3 +324,14 @@ def test_summary_line_names_instance_outcome_code_and_next_step() -> None:
     line = b.summary_line("out", b.EXIT_REFUSED, None, "only 0 other instance(s) serving", 1.5)
     assert line.startswith("balanced: out: REFUSED (3) ")
     assert line.endswith("nothing changed; safe to retry later [1.5s]")
+
+
+# Yielding after a race -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("deficit", "expected"),
+    [(0, []), (-2, []), (1, ["i-c"]), (2, ["i-b", "i-c"])],
+)
+def test_exactly_the_latest_entrants_yield(deficit: int, expected: list[str]) -> None:
+    assert b.yielders(["i-a", "i-b", "i-c"], deficit=deficit) == expected
