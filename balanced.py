@@ -24,6 +24,7 @@ usual credential variables, all with botocore's meaning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 __version__ = "1.0.0"
 
@@ -127,6 +128,12 @@ class Interrupted(BalancedError):
         self.exit_code = 128 + signum
 
 
+class DeadlinePassed(BalancedError):
+    """--timeout ran out inside an AWS call: slow answers, retries, a hung connection."""
+
+    exit_code = EXIT_TIMEOUT
+
+
 ###############################################################################
 # Output ######################################################################
 ###############################################################################
@@ -158,6 +165,57 @@ class Log:
 
 def fmt_duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+###############################################################################
+# Signals and the hard deadline ###############################################
+###############################################################################
+
+# The alarm fires this long after --timeout: the wait loop normally stops first, with a
+# better message; the alarm covers what it cannot (retries, slow answers, hung connections).
+DEADLINE_GRACE = 1.0
+
+
+class Signals:
+    """SIGINT/SIGTERM raise Interrupted, except inside deferred(), which finishes its few
+    AWS calls first (so a MinSize change and its record are never half done); SIGALRM
+    enforces --timeout whatever AWS or the network does."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.on_interrupt)
+        signal.signal(signal.SIGTERM, self.on_interrupt)
+        signal.signal(signal.SIGALRM, self.on_alarm)
+
+    def on_interrupt(self, signum: int, _frame: Any) -> None:
+        if self.deferring:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def on_alarm(self, _signum: int, _frame: Any) -> None:
+        raise DeadlinePassed("--timeout reached while waiting for AWS to answer")
+
+    @staticmethod
+    def arm_deadline(seconds: float) -> None:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.0) + DEADLINE_GRACE)
+
+    @staticmethod
+    def disarm_deadline() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring, self.pending = True, None
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
 
 
 ###############################################################################
@@ -720,7 +778,12 @@ def out_refusals(snap: Snapshot, *, floor: int) -> list[str]:
     if snap.refresh:
         reasons.append(f"instance refresh in progress: {snap.refresh}")
     others = [i for i in serving_instances(group, snap.health) if i != snap.me.instance_id]
-    if len(others) < floor:
+    if floor > group.full_capacity - 1:
+        reasons.append(
+            f"the floor of {floor} serving instances can never be met while this one is out: "
+            f"{group.name} has {group.full_capacity} in all; lower --min-healthy/--min-healthy-percent"
+        )
+    elif len(others) < floor:
         reasons.append(
             f"only {len(others)} other instance(s) serving in {group.name}, need {floor} "
             f"({len(others)} of {group.full_capacity} serving, floor {floor})"
@@ -841,20 +904,42 @@ def pending_lbs(states: dict[LoadBalancer, LbState], accept: Callable[[LbState],
     return "; ".join(f"{lb.name} {s.describe()}" for lb, s in states.items() if not accept(s))
 
 
-class AsgProbe:
-    """Asks Auto Scaling only when the load balancers say done, or every ASG_HEARTBEAT
-    seconds to notice a terminated or detached instance early."""
+# Target reasons that say the instance itself is gone: ask Auto Scaling now, not at the heartbeat.
+GONE_REASONS = frozenset({"Target.InvalidState", "InvalidTarget", "InvalidInstance"})
 
-    def __init__(self, clients: Clients, instance_id: str, clock: Callable[[], float]):
-        self.clients, self.instance_id, self.clock = clients, instance_id, clock
-        self.last_at = -math.inf
+
+class AsgProbe:
+    """Asks Auto Scaling only when the load balancers say done or the instance looks gone,
+    and every ASG_HEARTBEAT seconds re-reads the whole group: that notices a terminated or
+    detached instance, and load balancers detached from the group, without waiting them out."""
+
+    def __init__(self, ctx: Context, group: Group):
+        self.ctx = ctx
+        self.lbs = list(group.load_balancers)
+        self.last_at = ctx.waiter.clock()  # the caller just read the group
         self.lifecycle: str | None = "?"
 
-    def read(self, *, lbs_done: bool) -> str | None:
-        if lbs_done or self.clock() - self.last_at >= ASG_HEARTBEAT:
-            self.lifecycle = lifecycle_of(self.clients, self.instance_id)
-            self.last_at = self.clock()
+    def read(self, *, lbs_done: bool, looks_gone: bool) -> str | None:
+        clock = self.ctx.waiter.clock
+        if clock() - self.last_at >= ASG_HEARTBEAT:
+            self.refresh_group()
+        elif lbs_done or looks_gone:
+            self.lifecycle = lifecycle_of(self.ctx.clients, self.ctx.instance_id)
+            self.last_at = clock()
         return self.lifecycle
+
+    def refresh_group(self) -> None:
+        try:
+            group = describe_group(self.ctx.clients, self.ctx.group_name)
+        except NoEnvironment:  # the group itself was deleted
+            self.lifecycle = None
+            return
+        me = group.member(self.ctx.instance_id)
+        self.lifecycle = me.lifecycle if me else None
+        for lb in [lb for lb in self.lbs if lb not in group.load_balancers]:
+            self.ctx.log.warning(f"{lb.name} was detached from {group.name}; no longer waiting for it")
+            self.lbs.remove(lb)
+        self.last_at = self.ctx.waiter.clock()
 
 
 def out_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], instance_id: str) -> Verdict:
@@ -898,20 +983,22 @@ def wait_until(
     what: str,
     expected: float = 0.0,
 ) -> Verdict:
-    asg = AsgProbe(ctx.clients, ctx.instance_id, ctx.waiter.clock)
-    lbs = list(group.load_balancers)
+    asg = AsgProbe(ctx, group)
 
     def probe(_elapsed: float) -> Verdict:
         try:
-            states = own_lb_states(ctx.clients, lbs, ctx.instance_id)
+            states = own_lb_states(ctx.clients, asg.lbs, ctx.instance_id)
         except LbGone as e:
             if verdict_of is out_verdict:  # gone is as deregistered as it gets
                 ctx.log.warning(f"{e}; nothing to deregister from there")
-                lbs.remove(e.lb)
+                asg.lbs.remove(e.lb)
                 return Verdict(WAIT, str(e))
             return Verdict(FAILED, f"{e}: the instance can never become healthy there")
-        lbs_done = all(accept(s) for s in states.values())
-        return verdict_of(asg.read(lbs_done=lbs_done), states, ctx.instance_id)
+        lifecycle = asg.read(
+            lbs_done=all(accept(s) for s in states.values()),
+            looks_gone=any(s.reason in GONE_REASONS for s in states.values()),
+        )
+        return verdict_of(lifecycle, states, ctx.instance_id)
 
     verdict = ctx.waiter.wait(probe, what=what, expected=expected)
     if verdict.status == FAILED:
@@ -932,10 +1019,15 @@ class Context:
     instance_id: str
     log: Log
     waiter: Waiter
+    signals: Signals = field(default_factory=Signals)
     dry_run: bool = False
     actions: list[str] = field(default_factory=list)
     group_name: str = ""
     lifecycle: str = ""
+
+    def set_deadline(self, seconds: float) -> None:
+        self.waiter.deadline = self.waiter.clock() + seconds
+        self.signals.arm_deadline(seconds)
 
     def did(self, action: str) -> None:
         self.actions.append(action)
@@ -1141,17 +1233,18 @@ def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot:
 
 def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
     target = floor.of(group)
-    if needs_min_size_change(group, floor=target):
-        if target > group.desired - 1:
-            raise Refused(f"no free slot: desired capacity {group.desired} - 1 is below the floor {target}")
-        hold_min_size(ctx, group, floor=target)
-    try:
-        enter_standby(ctx, group.name)
-    except BalancedError as e:
-        release_after_failure(ctx)
-        if is_min_size_error(e):
-            raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
-        raise
+    if needs_min_size_change(group, floor=target) and target > group.desired - 1:
+        raise Refused(f"no free slot: desired capacity {group.desired} - 1 is below the floor {target}")
+    with ctx.signals.deferred():  # a few quick calls: never stop between MinSize and Standby
+        if needs_min_size_change(group, floor=target):
+            hold_min_size(ctx, group, floor=target)
+        try:
+            enter_standby(ctx, group.name)
+        except BalancedError as e:
+            release_after_failure(ctx)
+            if is_min_size_error(e):
+                raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
+            raise
 
 
 STANDBY_ENTRY_RE = re.compile(r"Moving EC2 instance to Standby: (i-[0-9a-f]+)")
@@ -1298,11 +1391,12 @@ def cmd_run(ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str],
     if ctx.dry_run:
         return Result(f"dry run: would take the instance out, run {' '.join(argv)}, and put it back")
     ctx.log.info(f"running: {' '.join(argv)}")
+    ctx.signals.disarm_deadline()  # --timeout bounds balanced's waits, not the deployment
     code = run_forwarding_signals(argv)
     if code != 0:
         raise CommandFailed(code, argv)
     ctx.log.info("command succeeded; putting the instance back")
-    ctx.waiter.deadline = ctx.waiter.clock() + timeout  # in gets a full --timeout of its own
+    ctx.set_deadline(timeout)  # in gets a full --timeout of its own
     return cmd_in(ctx)
 
 
@@ -1467,25 +1561,26 @@ def next_step(command: str, code: int, ctx: Context | None) -> str:
 
 
 def summary_line(command: str, code: int, ctx: Context | None, message: str, elapsed: float) -> str:
-    who = f"{ctx.instance_id} {ctx.group_name}".strip() if ctx else "-"
+    who = f"{ctx.instance_id} {ctx.group_name}".strip() if ctx else "(instance unknown)"
     text = f"balanced: {command}: {OUTCOMES.get(code, 'FAILED')} ({code}) {who}: {message}"
     if code != EXIT_OK:
         text += f"; {next_step(command, code, ctx)}"
     return f"{text} [{fmt_duration(elapsed)}]"
 
 
-def raise_on_signal(signum: int, _frame: Any) -> NoReturn:
-    raise Interrupted(signum)
-
-
-def build_context(args: argparse.Namespace, log: Log, started: float) -> Context:
+def build_context(args: argparse.Namespace, log: Log, started: float, signals: Signals) -> Context:
     environ = dict(os.environ)
     identity = resolve_identity(instance_id=args.instance_id, region=args.region, environ=environ)
     log.prefix = f"balanced {args.command} {identity.instance_id}"
     clients = make_clients(identity.region, environ)
     waiter = Waiter(log=log, deadline=started + args.timeout, poll=args.poll)
     ctx = Context(
-        clients=clients, instance_id=identity.instance_id, log=log, waiter=waiter, dry_run=args.dry_run
+        clients=clients,
+        instance_id=identity.instance_id,
+        log=log,
+        waiter=waiter,
+        signals=signals,
+        dry_run=args.dry_run,
     )
     ctx.group_name = find_group_name(clients, identity.instance_id)
     log.debug(f"region {identity.region}, group {ctx.group_name}")
@@ -1518,14 +1613,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     log = Log(level=VERBOSE if args.verbose else QUIET if args.quiet else NORMAL)
-    signal.signal(signal.SIGTERM, raise_on_signal)
-    signal.signal(signal.SIGINT, raise_on_signal)
+    signals = Signals()
+    signals.install()
+    signals.arm_deadline(args.timeout)
     ctx: Context | None = None
     details: dict[str, Any] = {}
     try:
-        ctx = build_context(args, log, started)
+        ctx = build_context(args, log, started, signals)
         result = run_command(args, ctx)
         code, message, details = EXIT_OK, result.message, result.details
+    except DeadlinePassed as e:
+        # Exit 4 promises "an action was taken"; before any, running out of time is a failure.
+        code, message = (EXIT_TIMEOUT if ctx and ctx.actions else EXIT_FAILED), str(e)
     except BalancedError as e:
         code, message = e.exit_code, str(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns surprises into exit 1
@@ -1536,6 +1635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             message += " (rerun with -v for the traceback)"
+    signals.disarm_deadline()
     elapsed = time.monotonic() - started
     if args.command == "status" and code == EXIT_OK and not args.json:
         print("\n".join(details.pop("text", [])))

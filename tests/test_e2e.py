@@ -225,14 +225,23 @@ def test_out_is_refused_with_nothing_changed(
     assert aws.lifecycle(group.instance_ids[0]) in ("InService", "Pending")
 
 
-def test_min_healthy_counts_other_instances_only(aws: Any, imds: Any, env: dict[str, str]) -> None:
-    group = aws.make_group(size=3, min_size=0)
+def test_min_healthy_counts_other_instances_that_serve(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=4, min_size=0)
     on(imds, group.instance_ids[0])
+    aws.set_target_health(group.instance_ids[3], "unhealthy")
     refused = balanced("out", "--min-healthy", "3", env=env)
     assert_summary(refused, "out", "REFUSED", 3)
     assert "only 2 other instance(s) serving" in refused.summary and "need 3" in refused.summary
     assert_summary(balanced("out", "--min-healthy", "2", "--dry-run", env=env), "out", "OK", 0)
     assert mutations(aws) == []
+
+
+def test_min_healthy_larger_than_the_group_can_never_be_met(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=3, min_size=0)
+    on(imds, group.instance_ids[0])
+    refused = balanced("out", "--min-healthy", "50", env=env)
+    assert_summary(refused, "out", "REFUSED", 3)
+    assert "can never be met" in refused.summary and mutations(aws) == []
 
 
 def test_in_refuses_while_launch_is_suspended(aws: Any, imds: Any, env: dict[str, str]) -> None:
