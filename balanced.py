@@ -128,6 +128,10 @@ class Interrupted(BalancedError):
         self.exit_code = 128 + signum
 
 
+class AwsUnavailable(BalancedError):
+    """Throttling, 5xx or no connection, still failing after botocore's retries."""
+
+
 class DeadlinePassed(BalancedError):
     """--timeout ran out inside an AWS call: slow answers, retries, a hung connection."""
 
@@ -184,6 +188,7 @@ class Signals:
     def __init__(self) -> None:
         self.deferring = False
         self.pending: int | None = None
+        self.activity: AwsActivity | None = None  # set once the AWS clients exist
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self.on_interrupt)
@@ -197,7 +202,8 @@ class Signals:
         raise Interrupted(signum)
 
     def on_alarm(self, _signum: int, _frame: Any) -> None:
-        raise DeadlinePassed("--timeout reached while waiting for AWS to answer")
+        doing = self.activity.describe() if self.activity else "the instance metadata service"
+        raise DeadlinePassed(f"--timeout reached while waiting for {doing}")
 
     @staticmethod
     def arm_deadline(seconds: float) -> None:
@@ -231,7 +237,10 @@ class Identity:
 
 def imds_base_url(environ: dict[str, str]) -> str:
     url = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_DEFAULT_ENDPOINT
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise NoEnvironment(f"AWS_EC2_METADATA_SERVICE_ENDPOINT is not an http(s) URL: {url!r}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise NoEnvironment(f"AWS_EC2_METADATA_SERVICE_ENDPOINT is not an http(s) URL: {url!r}")
     try:
@@ -319,35 +328,82 @@ def resolve_identity(*, instance_id: str | None, region: str | None, environ: di
 
 
 @dataclass
+class AwsActivity:
+    """The AWS call in flight and how its last attempt failed: what to tell the operator if
+    the deadline strikes while botocore is still retrying."""
+
+    operation: str = ""
+    attempts: int = 0
+    last_error: str = ""
+
+    def before_call(self, model: Any, **_: Any) -> None:
+        service = SERVICE_IAM_PREFIX.get(model.service_model.service_name, model.service_model.service_name)
+        self.operation, self.attempts, self.last_error = f"{service}:{model.name}", 0, ""
+
+    def after_attempt(self, attempts: int, response: Any, caught_exception: Any, **_: Any) -> None:
+        self.attempts = attempts
+        if caught_exception is not None:
+            self.last_error = f"{type(caught_exception).__name__}: {caught_exception}"
+        elif response is not None and "Error" in response[1]:
+            error = response[1]["Error"]
+            self.last_error = f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
+        else:
+            self.last_error = ""
+
+    def describe(self) -> str:
+        if not self.operation:
+            return "AWS"
+        if self.last_error:
+            return f"{self.operation} (still failing after {self.attempts} attempts: {self.last_error})"
+        return f"{self.operation} (no answer yet)"
+
+
+@dataclass
 class Clients:
     autoscaling: Any
     elbv2: Any
     elb: Any
+    activity: AwsActivity = field(default_factory=AwsActivity)
+
+
+RETRY_MODES = ("standard", "adaptive", "legacy")
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+def retry_config(environ: dict[str, str]) -> dict[str, Any]:
+    """botocore retries throttling, 5xx and dropped connections itself. "standard" mode: capped,
+    jittered exponential backoff and a retry quota, the same in every AWS SDK. More attempts
+    than its default 3, because a fleet rolling at once shares one Auto Scaling throttle; the
+    hard deadline still bounds the total. AWS_RETRY_MODE/AWS_MAX_ATTEMPTS override, as usual."""
+    mode = environ.get("AWS_RETRY_MODE") or "standard"
+    if mode not in RETRY_MODES:
+        raise NoEnvironment(f"AWS_RETRY_MODE={mode!r} is not one of {', '.join(RETRY_MODES)}")
+    attempts = environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_MAX_ATTEMPTS)
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise NoEnvironment(f"AWS_MAX_ATTEMPTS={attempts!r} is not a whole number of attempts (1 or more)")
+    return {"mode": mode, "total_max_attempts": int(attempts)}
 
 
 def make_clients(region: str, environ: dict[str, str]) -> Clients:
     import boto3
     from botocore.config import Config
 
-    # botocore retries throttling and 5xx itself. "standard" mode: jittered exponential backoff
-    # and a retry quota, the same in every SDK; more attempts than its default 3 because a
-    # rollout of many instances shares one Auto Scaling throttle.
-    retries = {
-        "mode": environ.get("AWS_RETRY_MODE", "standard"),
-        "max_attempts": int(environ.get("AWS_MAX_ATTEMPTS", "8")),
-    }
     config = Config(
-        retries=retries,
+        retries=retry_config(environ),
         connect_timeout=5,
         read_timeout=20,
         user_agent_extra=f"balanced/{__version__}",
     )
     session = boto3.session.Session(region_name=region)
-    return Clients(
+    clients = Clients(
         autoscaling=session.client("autoscaling", config=config),
         elbv2=session.client("elbv2", config=config),
         elb=session.client("elb", config=config),
     )
+    for client in (clients.autoscaling, clients.elbv2, clients.elb):
+        client.meta.events.register("before-call.*.*", clients.activity.before_call)
+        client.meta.events.register("needs-retry.*.*", clients.activity.after_attempt)
+    return clients
 
 
 CREDENTIAL_ERRORS = frozenset(
@@ -360,6 +416,15 @@ CREDENTIAL_ERRORS = frozenset(
         "SignatureDoesNotMatch",
         "InvalidAccessKeyId",
         "RequestExpired",
+    }
+)
+THROTTLING_ERRORS = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
     }
 )
 SERVICE_IAM_PREFIX = {
@@ -378,7 +443,8 @@ def translate_aws_error(exc: Exception, doing: str, service: str = "") -> Balanc
     """Map a botocore exception to our error family, keeping botocore's own text."""
     from botocore.exceptions import (
         ClientError,
-        EndpointConnectionError,
+        ConnectionError,
+        HTTPClientError,
         NoCredentialsError,
         PartialCredentialsError,
     )
@@ -387,10 +453,13 @@ def translate_aws_error(exc: Exception, doing: str, service: str = "") -> Balanc
         return NoEnvironment(
             f"no AWS credentials ({exc}): attach an instance profile or set AWS_* credentials"
         )
-    if isinstance(exc, EndpointConnectionError):
-        return BalancedError(f"{doing}: {exc}")
+    if isinstance(exc, (ConnectionError, HTTPClientError)):
+        return AwsUnavailable(f"failed to {doing}: {exc}")
     if isinstance(exc, ClientError):
         code = error_code(exc)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in THROTTLING_ERRORS or status >= 500:
+            return AwsUnavailable(f"failed to {doing}: {exc}")
         if code in CREDENTIAL_ERRORS:
             return NoEnvironment(f"AWS rejected the credentials while trying to {doing}: {exc}")
         if code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation"):
@@ -870,9 +939,14 @@ class Waiter:
     def wait(self, probe: Callable[[float], Verdict], *, what: str, expected: float = 0.0) -> Verdict:
         start = self.clock()
         last_text, last_logged = "", -math.inf
+        seen = "nothing yet"
         while True:
             elapsed = self.clock() - start
-            verdict = probe(elapsed)
+            try:
+                verdict = probe(elapsed)
+                seen = verdict.explanation
+            except AwsUnavailable as e:  # one lost poll is no reason to abandon a deployment
+                verdict = Verdict(WAIT, f"{seen}; AWS unavailable: {e}")
             if verdict.status != WAIT:
                 return verdict
             now = self.clock()
@@ -1568,11 +1642,25 @@ def summary_line(command: str, code: int, ctx: Context | None, message: str, ela
     return f"{text} [{fmt_duration(elapsed)}]"
 
 
+def warn_if_unknown_region(region: str, log: Log) -> None:
+    """botocore still builds an endpoint for a region it does not know (a newer one, say),
+    so this only warns: a typo then shows up next to the connection error."""
+    import boto3
+
+    session = boto3.session.Session()
+    partitions = session.get_available_partitions()
+    known = {r for p in partitions for r in session.get_available_regions("autoscaling", p)}
+    if region not in known:
+        log.warning(f"region {region} is not one this botocore knows; a typo?")
+
+
 def build_context(args: argparse.Namespace, log: Log, started: float, signals: Signals) -> Context:
     environ = dict(os.environ)
     identity = resolve_identity(instance_id=args.instance_id, region=args.region, environ=environ)
     log.prefix = f"balanced {args.command} {identity.instance_id}"
     clients = make_clients(identity.region, environ)
+    signals.activity = clients.activity
+    warn_if_unknown_region(identity.region, log)
     waiter = Waiter(log=log, deadline=started + args.timeout, poll=args.poll)
     ctx = Context(
         clients=clients,

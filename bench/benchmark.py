@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from tests.localaws import Call, Group, LocalAWS
 
@@ -107,25 +108,29 @@ class Proc:
     argv: list[str]
     code: int
     spawned: float  # time.monotonic() just before the spawn
-    exited: float  # time.monotonic() when wait() returned
+    exited: float  # time.monotonic() when the process was reaped
     stdout: str
     stderr: str
+    cpu: float = 0.0  # user + system CPU seconds of the process
 
     @property
     def wall(self) -> float:
         return self.exited - self.spawned
 
 
-def run_process(argv: list[str], env: dict[str, str], timeout: float = 900) -> Proc:
-    """Spawn, wait, and time it; output goes to temporary files so that the exit is seen at once."""
+def run_process(argv: list[str], env: dict[str, str]) -> Proc:
+    """Spawn, reap, and time it (wall and CPU); output goes to temporary files so that the exit
+    is seen at once. balanced.py bounds itself with --timeout (600 s by default)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         spawned = time.monotonic()
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        code = proc.wait(timeout=timeout)
+        _, status, usage = os.wait4(proc.pid, 0)
         exited = time.monotonic()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Proc(argv, code, spawned, exited, out.read().decode(), err.read().decode())
+        stdout, stderr = out.read().decode(), err.read().decode()
+        return Proc(argv, code, spawned, exited, stdout, stderr, usage.ru_utime + usage.ru_stime)
 
 
 def balanced_argv(command: str, instance_id: str, *extra: str) -> list[str]:
@@ -279,6 +284,7 @@ def measure(
     argv_list: Sequence[list[str]],
     *,
     watch: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Measured:
     """Run one or more processes in sequence (the baseline needs two) as one measured command."""
     aws.clear_calls()
@@ -287,7 +293,7 @@ def measure(
     procs: list[Proc] = []
     with monitor or _null():
         for argv in argv_list:
-            proc = run_process(argv, aws.env())
+            proc = run_process(argv, env or aws.env())
             procs.append(proc)
             if proc.code != 0:
                 break
@@ -321,10 +327,20 @@ def progress(msg: str) -> None:
 
 
 @dataclass
+class ScaleResult:
+    size: int
+    status: Measured
+    out: Measured
+    back: Measured
+    problems: list[str]
+    answer_bytes: dict[str, int]  # size of AWS's answer to each polling request, by operation
+
+
+@dataclass
 class Results:
     settings: Settings
     cycles: dict[str, list[tuple[Measured, Measured]]] = field(default_factory=dict)  # scenario -> out/in
-    scale: list[tuple[int, Measured, Measured, Measured, list[str]]] = field(default_factory=list)
+    scale: list[ScaleResult] = field(default_factory=list)
     startup: list[Measured] = field(default_factory=list)
     startup_imds: list[Measured] = field(default_factory=list)
     help_walls: list[float] = field(default_factory=list)
@@ -333,6 +349,7 @@ class Results:
     help_imports_boto: bool = False
     baseline: list[tuple[Measured, Measured]] = field(default_factory=list)
     elapsed: float = 0.0
+    machine: list[str] = field(default_factory=list)  # taken before the run: balanced.py may change
 
 
 def make_group(aws: LocalAWS, s: Settings, *, size: int, tgs: int, elbs: int, scale: bool = False) -> Group:
@@ -381,13 +398,14 @@ def baseline_cycles(aws: LocalAWS, s: Settings, runs: int) -> list[tuple[Measure
         [*aws_cli, "autoscaling", "exit-standby", *asg_args],
         [*aws_cli, "elbv2", "wait", "target-in-service", *tg_args],
     ]
+    env = aws.env(AWS_DEFAULT_REGION="us-east-1")  # awscli v1 ignores AWS_REGION
     cycles = []
     for n in range(runs):
         progress(f"aws CLI baseline: cycle {n + 1}/{runs}")
-        out = measure(aws, group, iid, "aws CLI", "out", out_argv)
+        out = measure(aws, group, iid, "aws CLI", "out", out_argv, env=env)
         if out.ok:  # the waiter does not wait for Standby; the next exit-standby needs it
             wait_for(lambda: aws.lifecycle(iid) == "Standby")
-        back = measure(aws, group, iid, "aws CLI", "in", in_argv)
+        back = measure(aws, group, iid, "aws CLI", "in", in_argv, env=env)
         wait_for(lambda: is_in(aws, group, iid))
         cycles.append((out, back))
     return cycles
@@ -401,7 +419,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def scale_runs(aws: LocalAWS, s: Settings, size: int) -> tuple[int, Measured, Measured, Measured, list[str]]:
+def scale_runs(aws: LocalAWS, s: Settings, size: int) -> ScaleResult:
     """status, out, in on a group of `size` instances behind 5 target groups; checks that the
     answers cover the whole group (pagination) and that AWS converged."""
     progress(f"scale: building a group of {size} instances x 5 target groups")
@@ -428,7 +446,27 @@ def scale_runs(aws: LocalAWS, s: Settings, size: int) -> tuple[int, Measured, Me
             problems.append(f"{m.command}: {len(m.failed_calls())} failed calls")
     if out.transition is None or back.transition is None:
         problems.append("the local AWS did not reach the target state")
-    return size, status, out, back, problems
+    return ScaleResult(size, status, out, back, problems, answer_bytes(aws, group, iid))
+
+
+def answer_bytes(aws: LocalAWS, group: Group, iid: str) -> dict[str, int]:
+    """Bytes of AWS's answer to each request the commands send, on this group (unrecorded calls)."""
+    sizes: dict[str, int] = {}
+
+    def grab(http_response: Any, model: Any, **_: Any) -> None:
+        sizes[model.name] = len(http_response.content)
+
+    asg, elbv2 = aws.client("autoscaling", internal=True), aws.client("elbv2", internal=True)
+    for client in (asg, elbv2):
+        client.meta.events.register("after-call.*.*", grab)
+    elbv2.describe_target_health(TargetGroupArn=group.tg_arns[0], Targets=[{"Id": iid}])
+    result = {"DescribeTargetHealth": sizes["DescribeTargetHealth"]}
+    elbv2.describe_target_health(TargetGroupArn=group.tg_arns[0])
+    result["DescribeTargetHealth (all targets)"] = sizes["DescribeTargetHealth"]
+    asg.describe_auto_scaling_instances(InstanceIds=[iid])
+    asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group.name])
+    result.update({k: sizes[k] for k in ("DescribeAutoScalingInstances", "DescribeAutoScalingGroups")})
+    return result
 
 
 def startup_runs(aws: LocalAWS, s: Settings, results: Results) -> None:
@@ -460,7 +498,7 @@ def startup_runs(aws: LocalAWS, s: Settings, results: Results) -> None:
 
 
 def run_all(s: Settings) -> Results:
-    results = Results(s)
+    results = Results(s, machine=machine())
     started = time.monotonic()
     with LocalAWS() as aws:
         results.cycles["1 TG"] = balanced_cycles(aws, s, "1 TG", tgs=1, elbs=0, runs=s.runs)
@@ -692,34 +730,50 @@ def calls_section(r: Results) -> tuple[str, dict[str, object]]:
     return text, {"gate": gate_worst, "asg": worst_asg_interval, "lb": worst_lb_rate}
 
 
-def scale_section(r: Results) -> tuple[str, bool]:
+def wait_bytes_per_poll(m: Measured, sizes: dict[str, int]) -> float | None:
+    """Bytes AWS answers per poll while waiting, from the measured answer size of each operation."""
+    if not m.polls:
+        return None
+    return sum(sizes.get(op_name(c), 0) for c in m.wait_calls) / m.polls
+
+
+def scale_section(r: Results) -> tuple[str, dict[str, bool]]:
     rows = []
-    per_poll: dict[int, float] = {}
+    calls_per_poll: dict[int, float] = {}
+    bytes_per_poll: dict[int, float] = {}
     all_ok = True
-    for size, status, out, back, problems in r.scale:
-        all_ok = all_ok and not problems
-        for m in (status, out, back):
+    for sr in r.scale:
+        all_ok = all_ok and not sr.problems
+        for m in (sr.status, sr.out, sr.back):
             ops = Counter(op_name(c) for c in m.calls)
             ops_text = ", ".join(f"{op} {n}" for op, n in sorted(ops.items()))
-            poll_cost = len(m.wait_calls) / m.polls if m.polls else None
-            if m.command != "status" and poll_cost is not None:
-                per_poll[size] = max(per_poll.get(size, 0.0), poll_cost)
+            poll_calls = len(m.wait_calls) / m.polls if m.polls else None
+            poll_bytes = wait_bytes_per_poll(m, sr.answer_bytes)
+            if poll_calls is not None and poll_bytes is not None:
+                calls_per_poll[sr.size] = max(calls_per_poll.get(sr.size, 0.0), poll_calls)
+                bytes_per_poll[sr.size] = max(bytes_per_poll.get(sr.size, 0.0), poll_bytes)
             rows.append(
                 [
-                    size,
+                    sr.size,
                     m.command,
                     m.proc.code,
                     secs(m.proc.wall),
+                    secs(m.proc.cpu),
                     secs(m.latency),
                     len(m.calls),
-                    secs(poll_cost),
+                    secs(poll_calls),
+                    "n/a" if poll_bytes is None else f"{poll_bytes / 1024:.1f}",
                     ops_text,
                 ]
             )
-        if problems:
-            rows.append([size, "checks", "", "", "", "", "", "**" + "; ".join(problems) + "**"])
-    sizes = sorted(per_poll)
-    flat = len(sizes) >= 2 and abs(per_poll[sizes[-1]] - per_poll[sizes[0]]) < 0.01
+        if sr.problems:
+            rows.append([sr.size, "checks", "", "", "", "", "", "", "", "**" + "; ".join(sr.problems) + "**"])
+    sizes = sorted(calls_per_poll)
+    calls_flat = len(sizes) >= 2 and abs(calls_per_poll[sizes[-1]] - calls_per_poll[sizes[0]]) < 0.01
+    bytes_growth = bytes_per_poll[sizes[-1]] / bytes_per_poll[sizes[0]] if len(sizes) >= 2 else 1.0
+    bytes_flat = bytes_growth < 1.5
+    answer_ops = sorted({op for sr in r.scale for op in sr.answer_bytes})
+    answer_rows = [[op, *(f"{sr.answer_bytes.get(op, 0):,}" for sr in r.scale)] for op in answer_ops]
     s = r.settings
     text = "\n".join(
         [
@@ -727,7 +781,9 @@ def scale_section(r: Results) -> tuple[str, bool]:
             "",
             f"5 target groups, deregistration delay {s.scale_drain:.0f} s, health {s.scale_health:.0f} s. "
             "Checks: `status --json` must count every instance serving and see all 5 target groups "
-            "(the answers cover the whole group), out/in must converge with no failed call.",
+            "(the answers cover the whole group), out/in must converge with no failed call. "
+            "KiB per poll: the calls of the waiting window weighted by the size of AWS's answer to each "
+            "(measured below), divided by the polls.",
             "",
             table(
                 [
@@ -735,20 +791,29 @@ def scale_section(r: Results) -> tuple[str, bool]:
                     "command",
                     "exit",
                     "wall s",
+                    "CPU s",
                     "latency s",
                     "calls",
                     "calls per poll",
+                    "KiB per poll",
                     "operations",
                 ],
                 rows,
             ),
             "",
-            f"Per-poll cost {'does not grow' if flat else '**grows**'} with the number of instances "
-            + ", ".join(f"({n}: {per_poll[n]:.2f} calls per poll)" for n in sizes)
+            "Size of AWS's answer (bytes) to each request, by group size:",
+            "",
+            table(["request", *(f"{sr.size} instances" for sr in r.scale)], answer_rows),
+            "",
+            f"Calls per poll {'do not grow' if calls_flat else '**grow**'} with the number of instances ("
+            + ", ".join(f"{n}: {calls_per_poll[n]:.2f}" for n in sizes)
+            + f"); bytes per poll {'do not grow' if bytes_flat else f'**grow {bytes_growth:.1f}x**'} ("
+            + ", ".join(f"{n}: {bytes_per_poll[n] / 1024:.1f} KiB" for n in sizes)
+            + ")"
             + ("." if all_ok else "; **some checks failed** (see the table)."),
         ]
     )
-    return text, flat and all_ok
+    return text, {"checks": all_ok, "calls": calls_flat, "bytes": bytes_flat}
 
 
 def startup_section(r: Results) -> tuple[str, float | None]:
@@ -845,7 +910,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def report(r: Results, command: str) -> str:
     lat_text, lat = latency_section(r)
     calls_text, calls = calls_section(r)
-    scale_text, scale_ok = scale_section(r)
+    scale_text, scale = scale_section(r)
     start_text, start = startup_section(r)
     asg = calls["asg"]
     lb = calls["lb"]
@@ -878,13 +943,15 @@ def report(r: Results, command: str) -> str:
             verdict(gate <= TARGET_GATE_CALLS),
         ],
         ["start-up to first API call < 0.3 s (median)", f"{secs(start, 3)} s", verdict((start or 99) < 0.3)],
-        ["scale: pagination right, per-poll cost flat", "see section 3", verdict(scale_ok)],
+        ["scale: answers cover the whole group, out/in converge", "see section 3", verdict(scale["checks"])],
+        ["scale: calls per poll do not grow with instances", "see section 3", verdict(scale["calls"])],
+        ["scale: bytes per poll do not grow with instances", "see section 3", verdict(scale["bytes"])],
     ]
     return "\n\n".join(
         [
             "# balanced.py benchmark",
             f"Command: `{command}` (took {r.elapsed / 60:.1f} min)",
-            "\n".join(machine()),
+            "\n".join(r.machine),
             "## Targets (defaults: no --poll)\n\n" + table(["target", "measured", "verdict"], targets),
             lat_text,
             calls_text,

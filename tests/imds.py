@@ -36,6 +36,7 @@ class FakeIMDS:
         self.mode = mode
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
         self._tokens: dict[str, float] = {}  # token -> expiry (time.monotonic())
+        self.issued_tokens: list[str] = []  # every token handed out, for leak checks
         self._first_token: str | None = None
         self._first_token_rejected = False
         self._lock = threading.Lock()
@@ -111,6 +112,7 @@ class FakeIMDS:
 
     def issue_token(self, ttl: int) -> str:
         token = secrets.token_urlsafe(32)
+        self.issued_tokens.append(token)
         with self._lock:
             self._tokens[token] = time.monotonic() + ttl
             if self._first_token is None:

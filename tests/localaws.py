@@ -769,6 +769,7 @@ class _Gateway:
         self.sim = sim
         self.lock = threading.Lock()  # guards calls and faults, never held while serving
         self.calls: list[Call] = []
+        self.session_operations: set[str] = set()  # "service:Action" balanced.py called; never reset
         self.one_shots: list[_OneShot] = []
         self.throttle: _Throttle | None = None
 
@@ -800,6 +801,8 @@ class _Gateway:
         )
         with self.lock:
             self.calls.append(call)
+            if "balanced/" in environ.get("HTTP_USER_AGENT", ""):
+                self.session_operations.add(f"{call.service}:{action}")
         return body
 
     def _serve(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> tuple[int, list[bytes]]:
@@ -1289,6 +1292,14 @@ class LocalAWS:
         gateway = self._require_gateway()
         with gateway.lock:
             return list(gateway.calls)
+
+    @property
+    def session_operations(self) -> set[str]:
+        """Every "service:Action" that balanced.py (told apart by its user agent) called since
+        the server started, across resets: what its IAM policy must allow."""
+        gateway = self._require_gateway()
+        with gateway.lock:
+            return set(gateway.session_operations)
 
     def calls_of(self, action: str) -> list[Call]:
         return [c for c in self.calls if c.action == action]

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,24 +250,31 @@ class Roll:
             self.todo.put(instance_id)
         self.codes: dict[str, int] = {}
         self.running: dict[str, subprocess.Popen[str]] = {}
-        self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # start no more hosts
         self.interrupted = False
+        # Workers still running. Not Thread.join: on Python < 3.13 a join that Ctrl-C interrupted
+        # leaves the thread looking finished to every later join.
+        self.busy = 0
 
     def worker(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                host = self.todo.get_nowait()
-            except queue.Empty:
-                return
-            code = self.run_host(host)
-            self.codes[host] = code
-            if code != 0:
-                self.stopping.set()
-                if code != EXIT_INTERRUPTED:
-                    self.printer.say(f"{host}: exited {code}; starting no more hosts")
-            self.printer.say(fleet_line(self.aws, self.group))
+        try:
+            while not self.stopping.is_set():
+                try:
+                    host = self.todo.get_nowait()
+                except queue.Empty:
+                    return
+                code = self.run_host(host)
+                self.codes[host] = code
+                if self.interrupted:
+                    return
+                if code != 0:
+                    self.stopping.set()
+                    self.printer.say(f"{host}: {describe_exit(code)}; starting no more hosts")
+                self.printer.say(fleet_line(self.aws, self.group))
+        finally:
+            with self.lock:
+                self.busy -= 1
 
     def run_host(self, host: str) -> int:
         env = self.aws.env(
@@ -302,15 +309,18 @@ class Roll:
     def run(self) -> None:
         """Returns when every host is done; KeyboardInterrupt propagates (see interrupt)."""
         self.printer.say(fleet_line(self.aws, self.group))
-        self.threads = [
-            threading.Thread(target=self.worker, name=f"host-{i}", daemon=True)
-            for i in range(self.opts.parallel)
-        ]
-        for thread in self.threads:
-            thread.start()
-        for thread in self.threads:
-            while thread.is_alive():
-                thread.join(0.1)  # short joins: Ctrl-C is delivered to this (main) thread
+        for i in range(self.opts.parallel):
+            with self.lock:
+                self.busy += 1
+            threading.Thread(target=self.worker, name=f"host-{i}", daemon=True).start()
+        self.wait_for_workers(math.inf)
+
+    def wait_for_workers(self, seconds: float) -> bool:
+        """True once no worker is left; short sleeps, so Ctrl-C reaches this (main) thread."""
+        deadline = time.monotonic() + seconds
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.busy
 
     def interrupt(self) -> None:
         """Forward SIGINT to every running host, give them GRACE_SECONDS, then kill them."""
@@ -320,13 +330,15 @@ class Roll:
             running = list(self.running.values())
         for proc in running:
             signal_group(proc, signal.SIGINT)
-        deadline = time.monotonic() + GRACE_SECONDS
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.wait_for_workers(GRACE_SECONDS):
+            return
         for proc in running:
-            if proc.poll() is None:
-                signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            signal_group(proc, signal.SIGKILL)
+        self.wait_for_workers(5.0)
+
+
+def describe_exit(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
 
 
 def signal_group(proc: subprocess.Popen[str], signum: int) -> None:
@@ -336,7 +348,7 @@ def signal_group(proc: subprocess.Popen[str], signum: int) -> None:
 
 def verdict(aws: LocalAWS, group: Group, roll: Roll, original_min: int) -> list[str]:
     """Everything that is not as it should be after the roll; empty when all is well."""
-    problems = [f"{host} exited {code}" for host, code in roll.codes.items() if code != 0]
+    problems = [f"{host} {describe_exit(code)}" for host, code in roll.codes.items() if code != 0]
     missing = [h for h in group.instance_ids if h not in roll.codes]
     if missing:
         problems.append(f"not rolled: {', '.join(missing)}")
@@ -379,9 +391,10 @@ def sandbox(opts: Options, printer: Printer) -> int:
             health_seconds=pace.health_seconds,
             pending_seconds=pace.pending_seconds,
         )
-        imds = {
-            iid: stack.enter_context(FakeIMDS(instance_id=iid, region=REGION)) for iid in group.instance_ids
-        }
+        imds = {iid: FakeIMDS(instance_id=iid, region=REGION) for iid in group.instance_ids}
+        stack.callback(stop_all, imds.values())
+        for server in imds.values():
+            server.start()
         printer.set_hosts(group.instance_ids)
         original_min = aws.group_sizes(group.name)[0]
         intro(printer, aws, group, imds, opts)
@@ -427,6 +440,15 @@ def sandbox(opts: Options, printer: Printer) -> int:
         return code
 
 
+def stop_all(servers: Iterable[FakeIMDS]) -> None:
+    """Stop the metadata services together: each takes up to half a second to notice."""
+    threads = [threading.Thread(target=server.stop) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def keep_running(printer: Printer, aws: LocalAWS, group: Group, imds: dict[str, FakeIMDS]) -> None:
     printer.say()
     printer.say("The local AWS keeps running (Ctrl-C to stop). In another terminal:")
@@ -446,6 +468,8 @@ def keep_running(printer: Printer, aws: LocalAWS, group: Group, imds: dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     printer = Printer()
+    # Also when started with SIGINT ignored (a background job of a script): kill -INT works.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         return sandbox(opts, printer)
