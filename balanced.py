@@ -335,6 +335,7 @@ class AwsActivity:
     operation: str = ""
     attempts: int = 0
     last_error: str = ""
+    log: Log | None = None  # with -v, one line per attempt (operation and error code only)
 
     def before_call(self, model: Any, **_: Any) -> None:
         service = SERVICE_IAM_PREFIX.get(model.service_model.service_name, model.service_model.service_name)
@@ -349,6 +350,8 @@ class AwsActivity:
             self.last_error = f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
         else:
             self.last_error = ""
+        if self.log:
+            self.log.debug(f"aws {self.operation} attempt {attempts}: {self.last_error or 'ok'}")
 
     def describe(self) -> str:
         if not self.operation:
@@ -1233,7 +1236,9 @@ class Floor:
         )
 
 
-def warn_unsupported(ctx: Context, group: Group) -> None:
+def log_traffic_sources(ctx: Context, group: Group) -> None:
+    for lb in group.load_balancers:
+        ctx.log.debug(f"{lb.name} is {lb.id}")
     for source in group.unsupported_sources:
         ctx.log.warning(f"traffic source {source} cannot be checked by this tool; it is not waited for")
 
@@ -1244,7 +1249,7 @@ def expected_drain(ctx: Context, group: Group) -> float:
 
 def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
     snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
-    warn_unsupported(ctx, snap.group)
+    log_traffic_sources(ctx, snap.group)
     ctx.lifecycle = snap.me.lifecycle
     if snap.me.lifecycle in STANDBY_STATES:
         ctx.log.info(f"{ctx.instance_id} is already {snap.me.lifecycle}; only waiting")
@@ -1389,7 +1394,7 @@ def cmd_in(ctx: Context) -> Result:
     me = group.member(ctx.instance_id)
     if me is None:
         raise NoEnvironment(f"{ctx.instance_id} is no longer in Auto Scaling group {group.name}")
-    warn_unsupported(ctx, group)
+    log_traffic_sources(ctx, group)
     ctx.lifecycle = me.lifecycle
     if me.lifecycle == "EnteringStandby":
         ctx.log.info("still EnteringStandby (an earlier out); waiting for Standby first")
@@ -1660,6 +1665,7 @@ def build_context(args: argparse.Namespace, log: Log, started: float, signals: S
     log.prefix = f"balanced {args.command} {identity.instance_id}"
     clients = make_clients(identity.region, environ)
     signals.activity = clients.activity
+    clients.activity.log = log
     warn_if_unknown_region(identity.region, log)
     waiter = Waiter(log=log, deadline=started + args.timeout, poll=args.poll)
     ctx = Context(
@@ -1672,6 +1678,7 @@ def build_context(args: argparse.Namespace, log: Log, started: float, signals: S
     )
     ctx.group_name = find_group_name(clients, identity.instance_id)
     log.debug(f"region {identity.region}, group {ctx.group_name}")
+
     return ctx
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import balanced as b
@@ -335,3 +337,11 @@ def test_summary_line_names_instance_outcome_code_and_next_step() -> None:
 )
 def test_exactly_the_latest_entrants_yield(deficit: int, expected: list[str]) -> None:
     assert b.yielders(["i-a", "i-b", "i-c"], deficit=deficit) == expected
+
+
+def test_ci_runs_the_test_command_written_in_the_readme() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    command = readme.split("## Run the tests", 1)[1].split("\n\n", 2)[1].strip()
+    assert command == "python -m pytest -q"
+    assert command in (root / ".ci" / "run").read_text().splitlines()
