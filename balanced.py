@@ -122,7 +122,9 @@ class NoEnvironment(BalancedError):
     exit_code = EXIT_ENVIRONMENT
 
 
-class Interrupted(BalancedError):
+# Raised from signal handlers, so BaseException like KeyboardInterrupt: botocore catches
+# Exception around each HTTP attempt and would retry straight past them.
+class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.exit_code = 128 + signum
@@ -132,10 +134,8 @@ class AwsUnavailable(BalancedError):
     """Throttling, 5xx or no connection, still failing after botocore's retries."""
 
 
-class DeadlinePassed(BalancedError):
+class DeadlinePassed(BaseException):
     """--timeout ran out inside an AWS call: slow answers, retries, a hung connection."""
-
-    exit_code = EXIT_TIMEOUT
 
 
 ###############################################################################
@@ -1720,7 +1720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeadlinePassed as e:
         # Exit 4 promises "an action was taken"; before any, running out of time is a failure.
         code, message = (EXIT_TIMEOUT if ctx and ctx.actions else EXIT_FAILED), str(e)
-    except BalancedError as e:
+    except (BalancedError, Interrupted) as e:
         code, message = e.exit_code, str(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns surprises into exit 1
         code, message = EXIT_FAILED, f"internal error: {type(e).__name__}: {e}"

@@ -186,6 +186,23 @@ def is_in(aws: LocalAWS, group: Group, iid: str) -> bool:
 CONDITIONS: dict[str, Callable[[LocalAWS, Group, str], bool]] = {"out": is_out, "in": is_in}
 
 
+class BenchAWS(LocalAWS):
+    """The local AWS with /20 subnets instead of make_group's /24s, so that a group of 500
+    instances (plus the load balancers' addresses) fits in its two subnets."""
+
+    def client(self, service: str, max_attempts: int | None = None, internal: bool = False) -> Any:
+        client = super().client(service, max_attempts, internal)
+        if service == "ec2":
+            client.meta.events.register("provide-client-params.ec2.CreateSubnet", widen_subnet)
+        return client
+
+
+def widen_subnet(params: dict[str, Any], **_: Any) -> None:
+    match = re.fullmatch(r"10\.0\.(\d+)\.0/24", params.get("CidrBlock", ""))
+    if match:
+        params["CidrBlock"] = f"10.0.{int(match.group(1)) * 16}.0/20"
+
+
 ###############################################################################
 # One measured command and what its API calls say #############################
 ###############################################################################
@@ -350,6 +367,7 @@ class Results:
     baseline: list[tuple[Measured, Measured]] = field(default_factory=list)
     elapsed: float = 0.0
     machine: list[str] = field(default_factory=list)  # taken before the run: balanced.py may change
+    errors: list[str] = field(default_factory=list)
 
 
 def make_group(aws: LocalAWS, s: Settings, *, size: int, tgs: int, elbs: int, scale: bool = False) -> Group:
@@ -500,15 +518,29 @@ def startup_runs(aws: LocalAWS, s: Settings, results: Results) -> None:
 def run_all(s: Settings) -> Results:
     results = Results(s, machine=machine())
     started = time.monotonic()
-    with LocalAWS() as aws:
-        results.cycles["1 TG"] = balanced_cycles(aws, s, "1 TG", tgs=1, elbs=0, runs=s.runs)
-        results.cycles["5 TG + 2 ELB"] = balanced_cycles(
-            aws, s, "5 TG + 2 ELB", tgs=5, elbs=2, runs=s.mixed_runs
-        )
-        results.baseline = baseline_cycles(aws, s, s.baseline_runs)
+    with BenchAWS() as aws:
+
+        def step(name: str, action: Callable[[], None]) -> None:
+            """One section; a failure is reported, and the other sections still run."""
+            try:
+                action()
+            except Exception as e:  # noqa: BLE001 - a benchmark reports what it could measure
+                results.errors.append(f"{name}: {type(e).__name__}: {e}")
+                progress(f"{name} FAILED: {type(e).__name__}: {e}")
+
+        def cycles(name: str, tgs: int, elbs: int, runs: int) -> None:
+            results.cycles[name] = balanced_cycles(aws, s, name, tgs=tgs, elbs=elbs, runs=runs)
+
+        step("1 TG cycles", lambda: cycles("1 TG", 1, 0, s.runs))
+        step("5 TG + 2 ELB cycles", lambda: cycles("5 TG + 2 ELB", 5, 2, s.mixed_runs))
+        step("baseline", lambda: results.baseline.extend(baseline_cycles(aws, s, s.baseline_runs)))
+
+        def scale(size: int) -> Callable[[], None]:
+            return lambda: results.scale.append(scale_runs(aws, s, size))
+
         for size in (5, s.scale_size):
-            results.scale.append(scale_runs(aws, s, size))
-        startup_runs(aws, s, results)
+            step(f"scale {size}", scale(size))
+        step("start-up", lambda: startup_runs(aws, s, results))
     results.elapsed = time.monotonic() - started
     return results
 
@@ -908,6 +940,15 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(r: Results, command: str) -> str:
+    errors = "".join(f"\n- {e}" for e in r.errors)
+    try:
+        text = full_report(r, command)
+    except Exception as e:  # noqa: BLE001 - show what failed rather than nothing
+        text = f"# balanced.py benchmark\n\nCommand: `{command}`\n\nReport failed: {type(e).__name__}: {e}"
+    return text + (f"\n\n## Errors\n{errors}" if errors else "")
+
+
+def full_report(r: Results, command: str) -> str:
     lat_text, lat = latency_section(r)
     calls_text, calls = calls_section(r)
     scale_text, scale = scale_section(r)

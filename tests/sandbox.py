@@ -282,10 +282,10 @@ class Roll:
             AWS_EC2_METADATA_SERVICE_ENDPOINT=self.imds[host].endpoint, AWS_REGION=None, PYTHONUNBUFFERED="1"
         )
         command = self.opts.chain(host, python=shlex.quote(sys.executable), script=shlex.quote(str(SCRIPT)))
-        self.printer.host(host, f"$ {self.opts.chain(host)}")
         with self.lock:
             if self.interrupted:
                 return EXIT_INTERRUPTED
+            self.printer.host(host, f"$ {self.opts.chain(host)}")
             # A session of its own: a Ctrl-C in the terminal reaches only the sandbox, which
             # forwards it once to every running host.
             proc = subprocess.Popen(

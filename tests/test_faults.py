@@ -79,6 +79,31 @@ def test_total_failure_after_enter_standby_exits_4_and_says_where_it_left_the_in
     assert mutations(aws) == ["EnterStandby"]
 
 
+def test_a_hung_aws_call_cannot_outlive_the_timeout(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    imds.instance_id = group.instance_ids[0]
+    with FaultProxy(aws.endpoint, Faults(slow=1.0, slow_seconds=25)) as proxy:
+        run = balanced("out", "--timeout", "2", env=dict(env, AWS_ENDPOINT_URL=proxy.endpoint), timeout=20)
+    assert_outcome(run, 1, "--timeout reached while waiting for autoscaling:DescribeAutoScalingInstances")
+
+
+def test_a_signal_during_a_slow_aws_call_is_not_swallowed_by_botocore(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    imds.instance_id = group.instance_ids[0]
+    with FaultProxy(aws.endpoint, Faults(slow=1.0, slow_seconds=25)) as proxy:
+        argv = [sys.executable, str(SCRIPT), "status", "--timeout", "120"]
+        proc = subprocess.Popen(
+            argv, env=dict(env, AWS_ENDPOINT_URL=proxy.endpoint), stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: len(imds.requests) >= 2, "the metadata lookups")
+        time.sleep(0.5)  # now inside the first (hung) AWS call
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    assert_outcome(Run(proc.returncode, "", stderr), 143, "interrupted by SIGTERM", "nothing was changed")
+
+
 # The metadata service misbehaves -----------------------------------------------------------------------
 
 

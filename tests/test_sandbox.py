@@ -18,8 +18,9 @@ COMMAND = [sys.executable, "-m", "tests.sandbox"]
 
 
 def host_lines(output: str, host: str) -> list[str]:
-    """What one host printed, without the knife-style prefix."""
-    return [line.split("  ", 1)[1] for line in output.splitlines() if line.startswith(host + "  ")]
+    """What one host printed, without the knife-style prefix (nor the command echoed first)."""
+    lines = [line.split("  ", 1)[1] for line in output.splitlines() if line.startswith(host + "  ")]
+    return [line for line in lines if not line.startswith("$ ")]
 
 
 def test_sandbox_rolls_every_instance_out_and_back_in() -> None:
