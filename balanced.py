@@ -1509,34 +1509,33 @@ def run_forwarding_signals(argv: list[str]) -> int:
 ###############################################################################
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > 86400:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
-    return value
+def number_in_range(
+    kind: Callable[[str], float], *, low: float, high: float, open_low: bool, what: str, span: str
+) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` within [low, high] (or (low, high]); a bad one is
+    exit 2 with a one-line reason."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be {span}: {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
-def percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100: {text!r}")
-    return value
+positive_seconds = number_in_range(
+    float, low=0, high=86400, open_low=True, what="a number of seconds", span="between 0 and 86400 seconds"
+)
+non_negative_int = number_in_range(
+    int, low=0, high=math.inf, open_low=False, what="a whole number", span="0 or more"
+)
+percent = number_in_range(
+    float, low=0, high=100, open_low=False, what="a percentage", span="between 0 and 100"
+)
 
 
 def instance_id_arg(text: str) -> str:
