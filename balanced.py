@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 __version__ = "1.0.0"
 
@@ -108,6 +110,8 @@ class BalancedError(Exception):
     """An expected failure: its message is the operator's one-line explanation."""
 
     exit_code = EXIT_FAILED
+    outcome: str | None = None  # the summary's word, when the exit code's own would mislead
+    advice: str | None = None  # what to do next, when the generic advice would mislead
 
 
 class Refused(BalancedError):
@@ -250,6 +254,12 @@ def imds_base_url(environ: dict[str, str]) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+class MetadataUnreachable(NoEnvironment):
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
 class Metadata:
     """A small IMDSv2 client with botocore's fallbacks: token first, IMDSv1 if the token
     endpoint answers 403/404/405, a fresh token on 401, short timeouts, few attempts."""
@@ -262,17 +272,25 @@ class Metadata:
         self._token_fetched = False
 
     def _open(self, request: urllib.request.Request) -> tuple[int, str]:
-        last: Exception | None = None
+        """(status, body); throttling (429), 5xx and network errors get another attempt."""
+        last: BaseException | None = None
         for _ in range(self.attempts):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                     return resp.status, resp.read().decode()
             except urllib.error.HTTPError as e:
-                return e.code, ""
-            except (OSError, urllib.error.URLError) as e:  # refused, timed out, reset
+                if e.code != 429 and e.code < 500:
+                    return e.code, ""
                 last = e
-        reason = getattr(last, "reason", last)
-        raise NoEnvironment(f"instance metadata unreachable at {self.base_url} ({reason}): not on EC2?")
+            except (OSError, http.client.HTTPException) as e:  # refused, timed out, reset, garbled
+                last = e
+        if isinstance(last, urllib.error.HTTPError):
+            return last.code, ""
+        reason = getattr(last, "reason", None) or last
+        raise MetadataUnreachable(
+            f"instance metadata unreachable at {self.base_url} ({reason}): not on EC2?",
+            timed_out=isinstance(reason, (TimeoutError, socket.timeout)),
+        )
 
     def _fetch_token(self) -> str | None:
         request = urllib.request.Request(
@@ -280,7 +298,12 @@ class Metadata:
             method="PUT",
             headers={"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)},
         )
-        status, body = self._open(request)
+        try:
+            status, body = self._open(request)
+        except MetadataUnreachable as e:
+            if e.timed_out:  # e.g. a hop limit of 1 inside a container: botocore tries IMDSv1
+                return None
+            raise
         if status == 200:
             return body
         if status in (403, 404, 405):
@@ -653,6 +676,12 @@ def active_instance_refresh(clients: Clients, group: str) -> str | None:
     return None
 
 
+class InstanceGone(BalancedError):
+    """The instance left its group (terminated, detached) or the group was deleted."""
+
+    advice = "the instance is gone from the group: nothing is left to finish on it"
+
+
 class LbGone(BalancedError):
     """A target group or classic ELB the group lists no longer exists."""
 
@@ -688,10 +717,18 @@ def target_group_states(clients: Clients, lb: LoadBalancer, instance_id: str | N
     if instance_id:
         params["Targets"] = [{"Id": instance_id}]
     result = clients.elbv2.describe_target_health(**params)
-    return {
-        d["Target"]["Id"]: LbState(d["TargetHealth"]["State"], d["TargetHealth"].get("Reason", ""))
-        for d in result.get("TargetHealthDescriptions", [])
-    }
+    states: dict[str, LbState] = {}
+    for d in result.get("TargetHealthDescriptions", []):
+        state = LbState(d["TargetHealth"]["State"], d["TargetHealth"].get("Reason", ""))
+        states[d["Target"]["Id"]] = worse(states.get(d["Target"]["Id"]), state)
+    return states
+
+
+def worse(a: LbState | None, b: LbState) -> LbState:
+    """One instance registered on several ports: unused < healthy < anything in between, so
+    it counts as serving or as deregistered only when every port agrees."""
+    rank = {"unused": 0, "healthy": 1}
+    return b if a is None or rank.get(b.state, 2) >= rank.get(a.state, 2) else a
 
 
 def classic_elb_states(clients: Clients, lb: LoadBalancer, instance_id: str | None) -> dict[str, LbState]:
@@ -833,11 +870,14 @@ def parse_min_size_tag(value: str | None) -> MinSizeRecord | None:
 
 def out_refusals(snap: Snapshot, *, floor: int) -> list[str]:
     """Why taking this instance out now would be unsafe; empty when it is safe."""
+    return lasting_refusals(snap, floor=floor) + passing_refusals(snap, floor=floor)
+
+
+def lasting_refusals(snap: Snapshot, *, floor: int) -> list[str]:
+    """Refusals that waiting cannot cure: a human must act, so --wait does not wait for them."""
     group, reasons = snap.group, []
     if group.status:
         reasons.append(f"group {group.name} is being changed ({group.status})")
-    if snap.me.lifecycle != "InService":
-        reasons.append(f"this instance is {snap.me.lifecycle}, not InService")
     blocked = [p for p in BLOCKING_PROCESSES if p in group.suspended]
     if blocked:
         reasons.append(
@@ -845,22 +885,29 @@ def out_refusals(snap: Snapshot, *, floor: int) -> list[str]:
             f"(aws autoscaling resume-processes --auto-scaling-group-name {group.name} "
             f"--scaling-processes {' '.join(blocked)})"
         )
-    if snap.activities:
-        reasons.append(f"scaling activity in progress: {snap.activities[0]}")
-    if snap.refresh:
-        reasons.append(f"instance refresh in progress: {snap.refresh}")
-    others = [i for i in serving_instances(group, snap.health) if i != snap.me.instance_id]
     if floor > group.full_capacity - 1:
         reasons.append(
             f"the floor of {floor} serving instances can never be met while this one is out: "
             f"{group.name} has {group.full_capacity} in all; lower --min-healthy/--min-healthy-percent"
         )
-    elif len(others) < floor:
+    return reasons + min_size_conflicts(group, floor=floor)
+
+
+def passing_refusals(snap: Snapshot, *, floor: int) -> list[str]:
+    """Refusals that pass by themselves: activities end, instances come back."""
+    group, reasons = snap.group, []
+    if snap.me.lifecycle != "InService":
+        reasons.append(f"this instance is {snap.me.lifecycle}, not InService")
+    if snap.activities:
+        reasons.append(f"scaling activity in progress: {snap.activities[0]}")
+    if snap.refresh:
+        reasons.append(f"instance refresh in progress: {snap.refresh}")
+    others = [i for i in serving_instances(group, snap.health) if i != snap.me.instance_id]
+    if len(others) < floor <= group.full_capacity - 1:
         reasons.append(
             f"only {len(others)} other instance(s) serving in {group.name}, need {floor} "
             f"({len(others)} of {group.full_capacity} serving, floor {floor})"
         )
-    reasons += min_size_conflicts(group, floor=floor)
     return reasons
 
 
@@ -885,11 +932,12 @@ def min_size_conflicts(group: Group, *, floor: int) -> list[str]:
     return []
 
 
-def needs_min_size_change(group: Group, *, floor: int) -> bool:
+def must_hold_min_size(group: Group, *, floor: int) -> bool:
     """MinSize is AWS's atomic guard: EnterStandby with decrement fails below it. Held at the
-    floor it allows at most full - floor instances out. Change it only when the operator's
-    value would block this instance, or would let more than full - floor out."""
-    return group.min_size > group.desired - 1 or group.min_size < floor
+    floor it lets at most full - floor instances out. Hold it when the operator's value would
+    block this instance or would let more than that out, and re-assert it whenever a rollout
+    is recorded: our read of MinSize may be stale by now."""
+    return MIN_SIZE_TAG in group.tags or group.min_size > group.desired - 1 or group.min_size < floor
 
 
 def in_refusals(group: Group, me: Member) -> list[str]:
@@ -918,6 +966,7 @@ DONE, WAIT, FAILED = "done", "wait", "failed"
 class Verdict:
     status: str  # DONE, WAIT or FAILED
     explanation: str
+    gone: bool = False  # FAILED because the instance left its group
 
 
 def next_poll_delay(*, elapsed: float, expected: float, poll: float) -> float:
@@ -1003,6 +1052,8 @@ class AsgProbe:
         elif lbs_done or looks_gone:
             self.lifecycle = lifecycle_of(self.ctx.clients, self.ctx.instance_id)
             self.last_at = clock()
+        if self.lifecycle not in (None, "?"):
+            self.ctx.lifecycle = str(self.lifecycle)  # what a failure summary reports
         return self.lifecycle
 
     def refresh_group(self) -> None:
@@ -1019,10 +1070,14 @@ class AsgProbe:
         self.last_at = self.ctx.waiter.clock()
 
 
+def left_the_group(instance_id: str) -> Verdict:
+    return Verdict(FAILED, f"{instance_id} left its Auto Scaling group (terminated or detached)", gone=True)
+
+
 def out_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], instance_id: str) -> Verdict:
     """Out means lifecycle Standby and deregistered from every LB."""
     if lifecycle is None:
-        return Verdict(FAILED, f"{instance_id} left its Auto Scaling group (terminated or detached)")
+        return left_the_group(instance_id)
     if lifecycle not in STANDBY_STATES and lifecycle != "?":
         return Verdict(FAILED, f"{instance_id} is {lifecycle} instead of going to Standby")
     busy = pending_lbs(states, is_deregistered)
@@ -1036,9 +1091,12 @@ def out_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], inst
 def in_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], instance_id: str) -> Verdict:
     """In means lifecycle InService and healthy in every LB."""
     if lifecycle is None:
-        return Verdict(FAILED, f"{instance_id} left its Auto Scaling group (terminated or detached)")
+        return left_the_group(instance_id)
     if lifecycle.startswith(("Terminating", "Terminated", "Detach", "Warmed")):
         return Verdict(FAILED, f"{instance_id} is {lifecycle}; it will not come back")
+    if lifecycle in STANDBY_STATES:
+        # Asked only once the LBs say done or at the heartbeat, long after our ExitStandby.
+        return Verdict(FAILED, f"{instance_id} is {lifecycle} again: someone put it back out")
     busy = pending_lbs(states, is_serving)
     if busy:
         return Verdict(WAIT, f"{busy} (health checks)")
@@ -1078,6 +1136,9 @@ def wait_until(
         return verdict_of(lifecycle, states, ctx.instance_id)
 
     verdict = ctx.waiter.wait(probe, what=what, expected=expected)
+    if verdict.gone:
+        ctx.lifecycle = "gone"
+        raise InstanceGone(verdict.explanation)
     if verdict.status == FAILED:
         raise BalancedError(verdict.explanation)
     return verdict
@@ -1101,6 +1162,8 @@ class Context:
     actions: list[str] = field(default_factory=list)
     group_name: str = ""
     lifecycle: str = ""
+    held: MinSizeRecord | None = None  # what this run wrote to the tag
+    attempting: str = ""  # a change requested from AWS whose answer has not come back yet
 
     def set_deadline(self, seconds: float) -> None:
         self.waiter.deadline = self.waiter.clock() + seconds
@@ -1117,13 +1180,12 @@ def is_min_size_error(exc: BaseException) -> bool:
 
 
 def hold_min_size(ctx: Context, group: Group, *, floor: int) -> None:
-    """Record the operator's MinSize in the tag (first), then set MinSize to the floor."""
+    """Record the operator's MinSize in the tag first, then set MinSize to the floor. Both
+    writes are absolute values every instance of the rollout agrees on, so they are
+    made unconditionally: skipping them on a stale read is how a guard gets lost."""
     record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
-    if record is None:
-        record = MinSizeRecord(original=group.min_size, rollout=floor)
-        write_min_size_tag(ctx, group.name, record)
-    if group.min_size == floor:
-        return
+    ctx.held = MinSizeRecord(original=record.original if record else group.min_size, rollout=floor)
+    write_min_size_tag(ctx, group.name, ctx.held)
     aws_call(
         ctx.clients.autoscaling,
         "update_auto_scaling_group",
@@ -1133,7 +1195,7 @@ def hold_min_size(ctx: Context, group: Group, *, floor: int) -> None:
     )
     ctx.did(
         f"MinSize of {group.name} {group.min_size} -> {floor} "
-        f"(operator's {record.original} kept in tag {MIN_SIZE_TAG})"
+        f"(operator's {ctx.held.original} kept in tag {MIN_SIZE_TAG})"
     )
 
 
@@ -1166,7 +1228,12 @@ def release_min_size(ctx: Context, group: Group) -> None:
             f"the last one back restores {record.original}"
         )
         return
-    if group.min_size == record.rollout and group.min_size != record.original:
+    if group.min_size not in (record.rollout, record.original):
+        ctx.log.warning(
+            f"MinSize of {group.name} is {group.min_size}, set by someone else during the rollout "
+            f"(not {record.rollout}); leaving it, not restoring {record.original}"
+        )
+    elif group.min_size != record.original:
         aws_call(
             ctx.clients.autoscaling,
             "update_auto_scaling_group",
@@ -1175,21 +1242,33 @@ def release_min_size(ctx: Context, group: Group) -> None:
             MinSize=record.original,
         )
         ctx.did(f"MinSize of {group.name} restored {group.min_size} -> {record.original}")
-    elif group.min_size != record.original:
-        ctx.log.warning(
-            f"MinSize of {group.name} is {group.min_size}, set by someone else during the rollout "
-            f"(not {record.rollout}); leaving it, not restoring {record.original}"
-        )
+        # Another out may have held MinSize again since our read: then the record is its.
+        after = describe_group(ctx.clients, group.name)
+        if after.out_count or after.min_size != record.original:
+            ctx.log.info(f"another out holds MinSize of {group.name} again; its record stays")
+            return
+    delete_min_size_tag(ctx, group.name)
+
+
+def delete_min_size_tag(ctx: Context, group: str) -> None:
     aws_call(
         ctx.clients.autoscaling,
         "delete_tags",
-        f"delete tag {MIN_SIZE_TAG} from {group.name}",
-        Tags=[{"ResourceId": group.name, "ResourceType": "auto-scaling-group", "Key": MIN_SIZE_TAG}],
+        f"delete tag {MIN_SIZE_TAG} from {group}",
+        Tags=[{"ResourceId": group, "ResourceType": "auto-scaling-group", "Key": MIN_SIZE_TAG}],
     )
-    ctx.log.info(f"removed tag {MIN_SIZE_TAG} from {group.name}")
+    ctx.log.info(f"removed tag {MIN_SIZE_TAG} from {group}")
+
+
+def keep_record_alive(ctx: Context, group: Group) -> None:
+    """A concurrent 'last one back' may have deleted the tag just after we held MinSize."""
+    if ctx.held and MIN_SIZE_TAG not in group.tags and group.min_size == ctx.held.rollout:
+        write_min_size_tag(ctx, group.name, ctx.held)
+        ctx.log.info(f"re-wrote tag {MIN_SIZE_TAG} that a concurrent in removed")
 
 
 def enter_standby(ctx: Context, group: str) -> None:
+    ctx.attempting = "EnterStandby"  # if the deadline strikes mid-call, AWS may have applied it
     aws_call(
         ctx.clients.autoscaling,
         "enter_standby",
@@ -1198,19 +1277,21 @@ def enter_standby(ctx: Context, group: str) -> None:
         InstanceIds=[ctx.instance_id],
         ShouldDecrementDesiredCapacity=True,
     )
-    ctx.lifecycle = "EnteringStandby"
+    ctx.attempting, ctx.lifecycle = "", "EnteringStandby"
     ctx.did(f"EnterStandby {ctx.instance_id} in {group} (desired capacity -1, no replacement)")
 
 
 def exit_standby(ctx: Context, group: str) -> None:
-    aws_call(
-        ctx.clients.autoscaling,
-        "exit_standby",
-        "exit Standby",
-        AutoScalingGroupName=group,
-        InstanceIds=[ctx.instance_id],
-    )
-    ctx.lifecycle = "Pending"
+    ctx.attempting = "ExitStandby"
+    with ctx.signals.deferred():
+        aws_call(
+            ctx.clients.autoscaling,
+            "exit_standby",
+            "exit Standby",
+            AutoScalingGroupName=group,
+            InstanceIds=[ctx.instance_id],
+        )
+    ctx.attempting, ctx.lifecycle = "", "Pending"
     ctx.did(f"ExitStandby {ctx.instance_id} in {group} (desired capacity +1)")
 
 
@@ -1272,7 +1353,7 @@ def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
             ctx.log.info(f"waiting for a slot: {e}")
         else:
             if keeps_its_slot(ctx, floor=floor):
-                return finish_out(ctx, snap.group, expected=drain)
+                return finish_out_or_release(ctx, snap.group, expected=drain)
             yield_slot(ctx)
             if not wait_for_slot:
                 raise Refused("yielded to a concurrent out that took the same slot; back InService")
@@ -1282,7 +1363,7 @@ def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
 
 def out_plan(group: Group, floor: Floor, drain: float) -> list[str]:
     plan = ["EnterStandby (desired capacity -1)", f"wait up to {drain:.0f}s for draining"]
-    if needs_min_size_change(group, floor=floor.of(group)):
+    if must_hold_min_size(group, floor=floor.of(group)):
         plan.insert(0, f"set MinSize {group.min_size} -> {floor.of(group)}")
     return plan
 
@@ -1299,7 +1380,12 @@ def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot:
         reasons = out_refusals(snap, floor=floor.of(snap.group))
         if not reasons:
             return snap
-        if not wait_for_slot or ctx.waiter.deadline <= ctx.waiter.clock() or snap.me.lifecycle != "InService":
+        if (
+            not wait_for_slot
+            or lasting_refusals(snap, floor=floor.of(snap.group))
+            or snap.me.lifecycle != "InService"
+            or ctx.waiter.deadline <= ctx.waiter.clock()
+        ):
             raise Refused("; ".join(reasons))
         serving = len(serving_instances(snap.group, snap.health))
         ctx.log.info(
@@ -1312,14 +1398,16 @@ def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot:
 
 def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
     target = floor.of(group)
-    if needs_min_size_change(group, floor=target) and target > group.desired - 1:
+    hold = must_hold_min_size(group, floor=target)
+    if hold and target > group.desired - 1:
         raise Refused(f"no free slot: desired capacity {group.desired} - 1 is below the floor {target}")
     with ctx.signals.deferred():  # a few quick calls: never stop between MinSize and Standby
-        if needs_min_size_change(group, floor=target):
+        if hold:
             hold_min_size(ctx, group, floor=target)
         try:
             enter_standby(ctx, group.name)
         except BalancedError as e:
+            ctx.attempting = ""  # AWS answered: it did not happen
             release_after_failure(ctx)
             if is_min_size_error(e):
                 raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
@@ -1327,29 +1415,40 @@ def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
 
 
 STANDBY_ENTRY_RE = re.compile(r"Moving EC2 instance to Standby: (i-[0-9a-f]+)")
+# How far back to look for EnterStandby start times; older entrants sort as oldest.
+ENTRY_HISTORY = 100
 
 
 def standby_entrants(clients: Clients, group: Group) -> list[str]:
-    """Instances now EnteringStandby, oldest EnterStandby first (activity start, then id)."""
-    entering = {m.instance_id for m in group.members if m.lifecycle == "EnteringStandby"}
+    """Instances now out (EnteringStandby or, with a short drain, already Standby), oldest
+    EnterStandby first: by the start of their latest standby activity, then by id."""
+    out = {m.instance_id for m in group.members if m.lifecycle in STANDBY_STATES}
     started: dict[str, str] = {}
-    for activity in unfinished_activities(clients, group.name):
+    pages = aws_pages(
+        clients.autoscaling,
+        "describe_scaling_activities",
+        f"describe scaling activities of {group.name}",
+        AutoScalingGroupName=group.name,
+        PaginationConfig={"PageSize": 50, "MaxItems": ENTRY_HISTORY},
+    )
+    for activity in (a for page in pages for a in page.get("Activities", [])):
         match = STANDBY_ENTRY_RE.match(activity.get("Description", ""))
-        if match and match.group(1) in entering:
-            started.setdefault(match.group(1), str(activity.get("StartTime", "")))
-    return sorted(entering, key=lambda i: (started.get(i, "~"), i))
+        if match and match.group(1) in out:
+            started.setdefault(match.group(1), activity["StartTime"].isoformat())
+    return sorted(out, key=lambda i: (started.get(i, ""), i))
 
 
 def yielders(entrants: list[str], *, deficit: int) -> list[str]:
-    """The latest entrants give their slot back: exactly the excess, never all, never none."""
-    if deficit <= 0:
-        return []
-    return entrants[-deficit:]
+    """The latest entrants give their slot back: exactly the excess, never all (someone
+    raced first and keeps its slot), never none while the floor is broken by a race."""
+    excess = min(deficit, len(entrants) - 1)
+    return entrants[len(entrants) - excess :] if excess > 0 else []
 
 
 def keeps_its_slot(ctx: Context, *, floor: Floor) -> bool:
     """Re-check the floor right after EnterStandby: a concurrent out may have read the same state."""
     snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=False)
+    keep_record_alive(ctx, snap.group)
     needed = floor.of(snap.group)
     serving = len(serving_instances(snap.group, snap.health))
     if serving >= needed:
@@ -1374,6 +1473,15 @@ def release_after_failure(ctx: Context) -> None:
         release_min_size(ctx, describe_group(ctx.clients, ctx.group_name))
     except BalancedError as e:
         ctx.log.warning(f"could not restore MinSize: {e}")
+
+
+def finish_out_or_release(ctx: Context, group: Group, *, expected: float) -> Result:
+    """An instance that vanishes while draining can never come back to restore MinSize."""
+    try:
+        return finish_out(ctx, group, expected=expected)
+    except InstanceGone:
+        release_after_failure(ctx)
+        raise
 
 
 def finish_out(ctx: Context, group: Group, *, expected: float = 0.0) -> Result:
@@ -1464,14 +1572,16 @@ def cmd_status(ctx: Context, *, floor: Floor) -> Result:
     return Result(f"{snap.me.lifecycle}, {len(serving)} of {group.full_capacity} serving", details)
 
 
-def cmd_run(ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str], timeout: float) -> Result:
+def cmd_run(
+    ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str], timeout: float, json_output: bool
+) -> Result:
     """out, CMD, in. A failed CMD leaves the instance out: a broken server stays out of traffic."""
     cmd_out(ctx, floor=floor, wait_for_slot=wait_for_slot)
     if ctx.dry_run:
         return Result(f"dry run: would take the instance out, run {' '.join(argv)}, and put it back")
     ctx.log.info(f"running: {' '.join(argv)}")
     ctx.signals.disarm_deadline()  # --timeout bounds balanced's waits, not the deployment
-    code = run_forwarding_signals(argv)
+    code = run_forwarding_signals(argv, stdout_to_stderr=json_output)  # stdout: one JSON object
     if code != 0:
         raise CommandFailed(code, argv)
     ctx.log.info("command succeeded; putting the instance back")
@@ -1480,15 +1590,22 @@ def cmd_run(ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str],
 
 
 class CommandFailed(BalancedError):
+    """CMD's own exit code is balanced's, so a pipeline shows the deployment's failure."""
+
+    outcome = "COMMAND FAILED"
+    advice = (
+        "the instance stays out (Standby) so a broken server gets no traffic: fix it, then 'balanced.py in'"
+    )
+
     def __init__(self, code: int, argv: list[str]) -> None:
-        super().__init__(f"command exited {code}: {' '.join(argv)}; the instance stays out of service")
+        super().__init__(f"command exited {code}: {' '.join(argv)}")
         self.exit_code = code
 
 
-def run_forwarding_signals(argv: list[str]) -> int:
+def run_forwarding_signals(argv: list[str], *, stdout_to_stderr: bool) -> int:
     """Run CMD; SIGINT/SIGTERM reach it instead of interrupting us, so it can clean up."""
     try:
-        child = subprocess.Popen(argv)
+        child = subprocess.Popen(argv, stdout=sys.stderr if stdout_to_stderr else None)
     except OSError as e:
         raise BalancedError(f"cannot run {argv[0]}: {e.strerror}") from None
 
@@ -1550,6 +1667,11 @@ def region_arg(text: str) -> str:
     return text
 
 
+poll_seconds = number_in_range(
+    float, low=0.05, high=60, open_low=False, what="a number of seconds", span="between 0.05 and 60 seconds"
+)
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
@@ -1559,7 +1681,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--poll",
-        type=positive_seconds,
+        type=poll_seconds,
         default=DEFAULT_POLL,
         help="base poll interval in seconds (default %(default).0f)",
     )
@@ -1575,7 +1697,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and the summary line")
 
 
-def add_floor_options(parser: argparse.ArgumentParser) -> None:
+def add_floor_options(parser: argparse.ArgumentParser, *, waits: bool = True) -> None:
     parser.add_argument(
         "--min-healthy",
         type=non_negative_int,
@@ -1588,6 +1710,8 @@ def add_floor_options(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="...and at least this percent of the group's full capacity (default %(default).0f)",
     )
+    if not waits:
+        return
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -1595,8 +1719,18 @@ def add_floor_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, plus the summary line that every run ends with."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        command = self.prog.split()[1] if " " in self.prog else "?"
+        summary = f"balanced: {command}: USAGE ({EXIT_USAGE}) (instance unknown): {message}"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{summary}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="balanced",
         description="Take this EC2 instance out of its load balancers and back in, safely.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 refused (nothing changed), "
@@ -1611,7 +1745,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(back)
     status = commands.add_parser("status", help="show the instance, its group and load balancers")
     add_common_options(status)
-    add_floor_options(status)
+    add_floor_options(status, waits=False)
     run = commands.add_parser("run", help="out, then CMD, then in if CMD succeeded")
     add_common_options(run)
     add_floor_options(run)
@@ -1619,30 +1753,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def next_step(command: str, code: int, ctx: Context | None) -> str:
-    """What the operator should do after a failure."""
+def next_step(code: int, ctx: Context | None, error: BaseException | None) -> str:
+    """What the operator should do after a failure: first whatever AWS was already asked to do."""
+    if isinstance(error, BalancedError) and error.advice:
+        return error.advice
+    if ctx is not None and (ctx.actions or ctx.attempting):
+        return where_it_was_left(ctx)
     if code == EXIT_REFUSED:
         return "nothing changed; safe to retry later"
     if code == EXIT_ENVIRONMENT:
         return "run it on an EC2 instance of an Auto Scaling group, with credentials"
-    if ctx is None or not ctx.actions:
-        return "nothing was changed"
-    if command == "out":
+    return "nothing was changed"
+
+
+def where_it_was_left(ctx: Context) -> str:
+    state = ctx.lifecycle or "mid-transition"
+    if ctx.attempting:
+        state = f"{state} ({ctx.attempting} was requested and may have been applied)"
+    if ctx.lifecycle == "InService" and not ctx.attempting:
+        return f"{ctx.instance_id} is InService again; safe to retry later"
+    if ctx.lifecycle in STANDBY_STATES or ctx.attempting == "EnterStandby":
         return (
-            f"{ctx.instance_id} left {ctx.lifecycle or 'mid-transition'}; rerun 'balanced.py out' "
-            "to finish waiting, or 'balanced.py in' to put it back"
+            f"{ctx.instance_id} left {state}; rerun 'balanced.py out' to finish waiting, "
+            "or 'balanced.py in' to put it back"
         )
-    return (
-        f"{ctx.instance_id} left {ctx.lifecycle or 'mid-transition'}; rerun 'balanced.py in' "
-        "to finish waiting"
-    )
+    return f"{ctx.instance_id} left {state}; rerun 'balanced.py in' to finish waiting"
 
 
-def summary_line(command: str, code: int, ctx: Context | None, message: str, elapsed: float) -> str:
+def summary_line(
+    command: str, code: int, ctx: Context | None, message: str, elapsed: float, error: BaseException | None
+) -> str:
     who = f"{ctx.instance_id} {ctx.group_name}".strip() if ctx else "(instance unknown)"
-    text = f"balanced: {command}: {OUTCOMES.get(code, 'FAILED')} ({code}) {who}: {message}"
+    outcome = getattr(error, "outcome", None) or OUTCOMES.get(code, "FAILED")
+    text = f"balanced: {command}: {outcome} ({code}) {who}: {message}"
     if code != EXIT_OK:
-        text += f"; {next_step(command, code, ctx)}"
+        text += f"; {next_step(code, ctx, error)}"
     return f"{text} [{fmt_duration(elapsed)}]"
 
 
@@ -1689,7 +1834,9 @@ def run_command(args: argparse.Namespace, ctx: Context) -> Result:
         return cmd_in(ctx)
     if args.command == "status":
         return cmd_status(ctx, floor=floor)
-    return cmd_run(ctx, floor=floor, wait_for_slot=args.wait, argv=args.cmd, timeout=args.timeout)
+    return cmd_run(
+        ctx, floor=floor, wait_for_slot=args.wait, argv=args.cmd, timeout=args.timeout, json_output=args.json
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1699,7 +1846,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.cmd[:1] == ["--"]:
             args.cmd = args.cmd[1:]
         if not args.cmd:
-            parser.error("run needs a command after --, e.g. balanced run -- sudo chef-client")
+            Parser(prog="balanced run").error(
+                "run needs a command after --, e.g. balanced run -- sudo chef-client"
+            )
     return args
 
 
@@ -1711,6 +1860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.install()
     signals.arm_deadline(args.timeout)
     ctx: Context | None = None
+    error: BaseException | None = None
     details: dict[str, Any] = {}
     try:
         ctx = build_context(args, log, started, signals)
@@ -1718,11 +1868,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message, details = EXIT_OK, result.message, result.details
     except DeadlinePassed as e:
         # Exit 4 promises "an action was taken"; before any, running out of time is a failure.
-        code, message = (EXIT_TIMEOUT if ctx and ctx.actions else EXIT_FAILED), str(e)
+        error, message = e, str(e)
+        code = EXIT_TIMEOUT if ctx and (ctx.actions or ctx.attempting) else EXIT_FAILED
     except (BalancedError, Interrupted) as e:
-        code, message = e.exit_code, str(e)
+        error, code, message = e, e.exit_code, str(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns surprises into exit 1
-        code, message = EXIT_FAILED, f"internal error: {type(e).__name__}: {e}"
+        error, code, message = e, EXIT_FAILED, f"internal error: {type(e).__name__}: {e}"
         if args.verbose:
             import traceback
 
@@ -1730,22 +1881,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             message += " (rerun with -v for the traceback)"
     signals.disarm_deadline()
+    signals.deferring = True  # the outcome is decided: a late signal must not garble the report
     elapsed = time.monotonic() - started
     if args.command == "status" and code == EXIT_OK and not args.json:
         print("\n".join(details.pop("text", [])))
+    outcome = getattr(error, "outcome", None) or OUTCOMES.get(code, "FAILED")
     if args.json:
         details.pop("text", None)
-        print(json.dumps(result_json(args.command, code, message, ctx, elapsed, details)))
-    print(summary_line(args.command, code, ctx, message, elapsed), file=sys.stderr, flush=True)
+        print(json.dumps(result_json(args.command, outcome, code, message, ctx, elapsed, details)))
+    print(summary_line(args.command, code, ctx, message, elapsed, error), file=sys.stderr, flush=True)
     return code
 
 
 def result_json(
-    command: str, code: int, message: str, ctx: Context | None, elapsed: float, details: dict[str, Any]
+    command: str,
+    outcome: str,
+    code: int,
+    message: str,
+    ctx: Context | None,
+    elapsed: float,
+    details: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "command": command,
-        "outcome": OUTCOMES.get(code, "FAILED"),
+        "outcome": outcome,
         "exit_code": code,
         "message": message,
         "instance_id": ctx.instance_id if ctx else None,

@@ -38,6 +38,8 @@ class Faults:
     slow_seconds: float = 0.5
     fail_everything: bool = False  # every request answered 503
     fail_after_action: str | None = None  # pass until this action succeeded once, then fail all
+    tripped_code: str = "ServiceUnavailable"  # ...with this AWS error code
+    tripped_status: int = 503
     seed: int = 0
 
 
@@ -78,7 +80,9 @@ class FaultProxy:
         """The fault for the next request, or "pass"."""
         f = self.faults
         with self._lock:
-            if f.fail_everything or self._tripped:
+            if self._tripped:
+                kind = "tripped"
+            elif f.fail_everything:
                 kind = "503"
             else:
                 roll = self._rng.random()
@@ -124,6 +128,9 @@ class FaultProxy:
                 if kind in ("500", "503"):
                     code = "InternalFailure" if kind == "500" else "ServiceUnavailable"
                     return self.answer(int(kind), SERVER_ERROR_BODY.format(code=code))
+                if kind == "tripped":
+                    f = proxy.faults
+                    return self.answer(f.tripped_status, SERVER_ERROR_BODY.format(code=f.tripped_code))
                 if kind == "slow":
                     time.sleep(proxy.faults.slow_seconds)
                 self.forward(body)

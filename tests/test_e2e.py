@@ -149,6 +149,31 @@ def test_desired_equal_to_min_lowers_min_size_with_a_tag_and_in_restores_it(
     assert mutations(aws) == []
 
 
+def test_a_stale_record_with_another_floor_is_rewritten_not_trusted(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=0, max_size=4)
+    on(imds, group.instance_ids[0])
+    asg = aws.client("autoscaling")
+    asg.create_or_update_tags(  # left by an earlier rollout that held MinSize at 1
+        Tags=[
+            {
+                "ResourceId": group.name,
+                "ResourceType": "auto-scaling-group",
+                "Key": "balanced:min-size",
+                "Value": "original=0 rollout=1",
+                "PropagateAtLaunch": False,
+            }
+        ]
+    )
+    asg.update_auto_scaling_group(AutoScalingGroupName=group.name, MinSize=1)
+    assert_summary(balanced("out", "--min-healthy", "2", env=env), "out", "OK", 0)
+    assert aws.group_tags(group.name)["balanced:min-size"] == "original=0 rollout=2"
+    assert_summary(balanced("in", env=env), "in", "OK", 0)
+    assert aws.group_sizes(group.name)[0] == 0  # the operator's own MinSize, not a floor
+    assert "balanced:min-size" not in aws.group_tags(group.name)
+
+
 def test_a_min_size_changed_by_someone_else_is_not_overwritten(
     aws: Any, imds: Any, env: dict[str, str]
 ) -> None:
@@ -253,6 +278,14 @@ def test_in_refuses_while_launch_is_suspended(aws: Any, imds: Any, env: dict[str
     run = balanced("in", env=env)
     assert_summary(run, "in", "REFUSED", 3)
     assert "resume-processes" in run.summary and mutations(aws) == []
+
+
+def test_wait_does_not_wait_for_what_waiting_cannot_cure(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=3, min_size=0)
+    on(imds, group.instance_ids[0])
+    run = balanced("out", "--wait", "--min-healthy", "50", "--timeout", "120", env=env)
+    assert_summary(run, "out", "REFUSED", 3)
+    assert "can never be met" in run.summary and "waiting for a slot" not in run.stderr
 
 
 def test_dry_run_changes_nothing_and_tells_the_plan(aws: Any, imds: Any, env: dict[str, str]) -> None:

@@ -190,15 +190,20 @@ def test_a_reboot_between_out_and_in_loses_nothing(aws: Any, env: dict[str, str]
 # The group changes under the tool -------------------------------------------------------------------
 
 
-def test_instance_terminated_while_draining_fails_fast(aws: Any, imds: Any, env: dict[str, str]) -> None:
-    group = aws.make_group(size=3, min_size=1, deregistration_delay=30)
+def test_instance_terminated_while_draining_fails_fast_and_gives_min_size_back(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=2, min_size=2, max_size=2, deregistration_delay=30)
     me = group.instance_ids[0]
     imds.instance_id = me
     proc = start_out(env)
     wait_for(lambda: aws.lifecycle(me) == "EnteringStandby", "EnteringStandby")
     aws.terminate(me)
     _, stderr = proc.communicate(timeout=30)  # long before the 60 s timeout or the 30 s drain
-    assert_outcome(Run(proc.returncode, "", stderr), 1, "left its Auto Scaling group")
+    assert_outcome(Run(proc.returncode, "", stderr), 1, "left its Auto Scaling group", "the instance is gone")
+    # It can never run `in`: the MinSize it lowered is restored now, and the record removed.
+    assert aws.group_sizes(group.name)[0] == 2
+    assert "balanced:min-size" not in aws.group_tags(group.name)
 
 
 def test_instance_terminated_while_coming_back_fails_fast(aws: Any, imds: Any, env: dict[str, str]) -> None:
@@ -225,6 +230,7 @@ def test_target_group_detached_while_coming_back_is_no_longer_waited_for(
     argv = [sys.executable, str(SCRIPT), "in", "--poll", "0.1", "--timeout", "60"]
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: aws.lifecycle(me) in ("Pending", "InService"), "Pending")
+    time.sleep(1.0)  # let `in` read the group (with both target groups) and start waiting
     for arn in group.tg_arns:
         aws.detach_target_group(group.name, arn)
     _, stderr = proc.communicate(timeout=40)
@@ -255,6 +261,17 @@ def test_missing_credentials_are_an_environment_error(aws: Any, imds: Any) -> No
         AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None
     )
     assert_outcome(balanced("out", env=env), 5, "no AWS credentials")
+
+
+def test_credentials_expiring_mid_drain_still_say_where_the_instance_was_left(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=1, deregistration_delay=2)
+    imds.instance_id = group.instance_ids[0]
+    expire = Faults(fail_after_action="EnterStandby", tripped_code="ExpiredToken", tripped_status=403)
+    with FaultProxy(aws.endpoint, expire) as proxy:
+        run = balanced("out", env=dict(env, AWS_ENDPOINT_URL=proxy.endpoint))
+    assert_outcome(run, 5, "AWS rejected the credentials", "left EnteringStandby", "rerun 'balanced.py out'")
 
 
 def test_expired_credentials_are_an_environment_error(aws: Any, imds: Any, env: dict[str, str]) -> None:
@@ -300,7 +317,7 @@ BAD_INPUT = [
     (["out", "--timeout", "-10"], {}, 2, "must be between 0 and 86400 seconds"),
     (["out", "--timeout", "99999999"], {}, 2, "must be between 0 and 86400 seconds"),
     (["out", "--timeout", "ten"], {}, 2, "not a number of seconds"),
-    (["in", "--poll", "0"], {}, 2, "must be between 0 and 86400 seconds"),
+    (["in", "--poll", "0"], {}, 2, "must be between 0.05 and 60 seconds"),
     (["out", "--min-healthy", "1.5"], {}, 2, "not a whole number"),
     (["out", "--min-healthy-percent", "-1"], {}, 2, "must be between 0 and 100"),
     (["deploy"], {}, 2, "invalid choice: 'deploy'"),

@@ -173,9 +173,23 @@ def test_run_leaves_a_broken_instance_out_with_the_command_exit_code(aws: Any) -
     me = group.instance_ids[0]
     run = balanced("run", "--instance-id", me, "--", "sh", "-c", "exit 7", env=aws.env())
     assert run.code == 7, run
-    assert "command exited 7" in run.summary and "stays out of service" in run.summary
+    assert "command exited 7" in run.summary and "stays out (Standby)" in run.summary
     assert mutations(aws) == ["EnterStandby"]
     assert aws.lifecycle(me) == "Standby"
+
+
+@pytest.mark.parametrize("code", [2, 3, 4, 5])
+def test_run_reports_a_failed_command_as_such_whatever_its_exit_code(aws: Any, code: int) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    me = group.instance_ids[0]
+    run = balanced(
+        "run", "--instance-id", me, "--json", "--", "sh", "-c", f"echo noise; exit {code}", env=aws.env()
+    )
+    assert run.code == code, run
+    assert run.summary.startswith(f"balanced: run: COMMAND FAILED ({code}) ")
+    assert "fix it, then 'balanced.py in'" in run.summary and "nothing changed" not in run.summary
+    assert run.json["outcome"] == "COMMAND FAILED"  # stdout is one JSON object: CMD's went to stderr
+    assert "noise" in run.stderr
 
 
 def test_run_forwards_sigterm_to_the_command(aws: Any, tmp_path: Path) -> None:
@@ -198,3 +212,56 @@ def test_run_forwards_sigterm_to_the_command(aws: Any, tmp_path: Path) -> None:
     assert got.read_text() == "TERM\n"
     assert proc.returncode == 9, stderr
     assert aws.lifecycle(me) == "Standby"  # the command did not finish: the instance stays out
+
+
+# The re-check after EnterStandby, with a race forced deterministically ------------------------------
+
+
+def context_for(instance_id: str, group: str) -> Any:
+    import balanced
+
+    log = balanced.Log(level=balanced.QUIET)
+    ctx = balanced.Context(
+        clients=balanced.make_clients(REGION, dict(os.environ)),
+        instance_id=instance_id,
+        log=log,
+        waiter=balanced.Waiter(log=log, deadline=time.monotonic() + 60, poll=0.1),
+    )
+    ctx.group_name = group
+    return ctx
+
+
+def test_a_race_that_breaks_the_floor_makes_exactly_the_later_entrant_yield(
+    aws: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import balanced
+
+    for key, value in aws.env().items():
+        monkeypatch.setenv(key, value)
+    group = aws.make_group(size=5, min_size=0, deregistration_delay=1.0, health_seconds=0.5)
+    first, second, *_, sick = group.instance_ids
+    aws.set_target_health(sick, "unhealthy")  # InService in the ASG, serving nowhere
+    floor = balanced.Floor(min_healthy=3, min_healthy_percent=0)
+    ctx = {i: context_for(i, group.name) for i in (first, second)}
+    # Both read the same state: 3 others serving each, exactly the floor. Then both act.
+    snaps = {i: balanced.take_snapshot(c.clients, i, group.name, gates=True) for i, c in ctx.items()}
+    assert all(balanced.out_refusals(s, floor=3) == [] for s in snaps.values())
+    for i in (first, second):
+        balanced.take_out(ctx[i], snaps[i].group, floor=floor)
+        time.sleep(0.02)  # distinct EnterStandby start times
+    # Now 2 serve, floor 3: exactly one must give its slot back, and it is the later one.
+    assert balanced.keeps_its_slot(ctx[first], floor=floor) is True
+    assert balanced.keeps_its_slot(ctx[second], floor=floor) is False
+    balanced.yield_slot(ctx[second])
+    assert aws.lifecycle(second) == "InService" and aws.target_state(second, group.tg_arns[0]) == "healthy"
+    assert aws.lifecycle(first) in ("EnteringStandby", "Standby")
+    assert aws.group_tags(group.name)["balanced:min-size"] == "original=0 rollout=3"  # first is still out
+    balanced.finish_out(ctx[first], aws_group(group.name))
+    balanced.cmd_in(ctx[first])
+    assert aws.group_sizes(group.name)[0] == 0 and "balanced:min-size" not in aws.group_tags(group.name)
+
+
+def aws_group(name: str) -> Any:
+    import balanced
+
+    return balanced.describe_group(balanced.make_clients(REGION, dict(os.environ)), name)

@@ -161,7 +161,12 @@ def test_full_capacity_counts_instances_out_in_standby() -> None:
 )
 def test_min_size_changes_only_when_needed(min_size: int, desired: int, floor: int, change: bool) -> None:
     group = make_group(serving=desired, min_size=min_size)
-    assert b.needs_min_size_change(group, floor=floor) is change
+    assert b.must_hold_min_size(group, floor=floor) is change
+
+
+def test_a_recorded_rollout_is_always_held_again_since_reads_go_stale() -> None:
+    group = make_group(serving=5, min_size=2, tags={b.MIN_SIZE_TAG: "original=2 rollout=2"})
+    assert b.must_hold_min_size(group, floor=2)
 
 
 def test_min_size_tag_round_trips_and_rejects_garbage() -> None:
@@ -323,7 +328,7 @@ def test_bad_environment_is_an_environment_error(env: dict[str, str], message: s
 
 
 def test_summary_line_names_instance_outcome_code_and_next_step() -> None:
-    line = b.summary_line("out", b.EXIT_REFUSED, None, "only 0 other instance(s) serving", 1.5)
+    line = b.summary_line("out", b.EXIT_REFUSED, None, "only 0 other instance(s) serving", 1.5, None)
     assert line.startswith("balanced: out: REFUSED (3) ")
     assert line.endswith("nothing changed; safe to retry later [1.5s]")
 
@@ -333,10 +338,52 @@ def test_summary_line_names_instance_outcome_code_and_next_step() -> None:
 
 @pytest.mark.parametrize(
     ("deficit", "expected"),
-    [(0, []), (-2, []), (1, ["i-c"]), (2, ["i-b", "i-c"])],
+    [(0, []), (-2, []), (1, ["i-c"]), (2, ["i-b", "i-c"]), (9, ["i-b", "i-c"])],
 )
 def test_exactly_the_latest_entrants_yield(deficit: int, expected: list[str]) -> None:
     assert b.yielders(["i-a", "i-b", "i-c"], deficit=deficit) == expected
+
+
+def test_a_lone_entrant_never_yields() -> None:
+    assert b.yielders(["i-a"], deficit=1) == []
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        (["healthy", "initial"], "initial"),
+        (["unused", "healthy"], "healthy"),
+        (["unused", "draining"], "draining"),
+        (["unused", "unused"], "unused"),
+    ],
+)
+def test_an_instance_on_several_ports_counts_by_its_worst_port(states: list[str], expected: str) -> None:
+    result = None
+    for state in states:
+        result = b.worse(result, b.LbState(state))
+    assert result is not None and result.state == expected
+
+
+@pytest.mark.parametrize(
+    ("lifecycle", "actions", "attempting", "advice"),
+    [
+        ("EnteringStandby", ["EnterStandby"], "", "left EnteringStandby; rerun 'balanced.py out'"),
+        (
+            "InService",
+            ["EnterStandby"],
+            "EnterStandby",
+            "EnterStandby was requested and may have been applied",
+        ),
+        ("InService", ["EnterStandby", "ExitStandby"], "", "is InService again; safe to retry later"),
+        ("Pending", ["ExitStandby"], "", "left Pending; rerun 'balanced.py in'"),
+    ],
+)
+def test_a_failure_after_an_action_says_where_the_instance_was_left(
+    lifecycle: str, actions: list[str], attempting: str, advice: str
+) -> None:
+    ctx = b.Context(clients=None, instance_id="i-1", log=b.Log(), waiter=None)  # type: ignore[arg-type]
+    ctx.lifecycle, ctx.actions, ctx.attempting = lifecycle, actions, attempting
+    assert advice in b.next_step(b.EXIT_ENVIRONMENT, ctx, b.NoEnvironment("credentials expired"))
 
 
 def test_ci_runs_the_test_command_written_in_the_readme() -> None:
