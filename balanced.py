@@ -91,9 +91,9 @@ IMDS_TOKEN_TTL = 21600
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_POLL = 1.0
-# While the load balancers are still busy, ask Auto Scaling only this often: its API throttle
-# is one bucket shared by the whole account and region.
-ASG_HEARTBEAT = 10.0
+# While the load balancers are still busy, ask Auto Scaling only every this many polls (10 s at
+# the default --poll): its API throttle is one bucket shared by the whole account and region.
+ASG_HEARTBEAT = 10
 # Far from the expected end of a drain, poll at most this slowly.
 MAX_POLL = 5.0
 PROGRESS_EVERY = 10.0
@@ -386,10 +386,32 @@ class AwsActivity:
 
 @dataclass
 class Clients:
-    autoscaling: Any
-    elbv2: Any
-    elb: Any
+    """botocore clients, each made on first use: making one loads its service model (tens of
+    milliseconds), and the first question always goes to Auto Scaling."""
+
+    factory: Callable[[str], Any]
     activity: AwsActivity = field(default_factory=AwsActivity)
+    made: dict[str, Any] = field(default_factory=dict)
+
+    def client(self, service: str) -> Any:
+        if service not in self.made:
+            client = self.factory(service)
+            client.meta.events.register("before-call.*.*", self.activity.before_call)
+            client.meta.events.register("needs-retry.*.*", self.activity.after_attempt)
+            self.made[service] = client
+        return self.made[service]
+
+    @property
+    def autoscaling(self) -> Any:
+        return self.client("autoscaling")
+
+    @property
+    def elbv2(self) -> Any:
+        return self.client("elbv2")
+
+    @property
+    def elb(self) -> Any:
+        return self.client("elb")
 
 
 RETRY_MODES = ("standard", "adaptive", "legacy")
@@ -411,7 +433,9 @@ def retry_config(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def make_clients(region: str, environ: dict[str, str]) -> Clients:
-    import boto3
+    # botocore itself, not boto3's wrapper: the same clients, endpoints and credential chain,
+    # and a faster start (this runs on every deployment of every instance).
+    import botocore.session
     from botocore.config import Config
 
     config = Config(
@@ -420,16 +444,8 @@ def make_clients(region: str, environ: dict[str, str]) -> Clients:
         read_timeout=20,
         user_agent_extra=f"balanced/{__version__}",
     )
-    session = boto3.session.Session(region_name=region)
-    clients = Clients(
-        autoscaling=session.client("autoscaling", config=config),
-        elbv2=session.client("elbv2", config=config),
-        elb=session.client("elb", config=config),
-    )
-    for client in (clients.autoscaling, clients.elbv2, clients.elb):
-        client.meta.events.register("before-call.*.*", clients.activity.before_call)
-        client.meta.events.register("needs-retry.*.*", clients.activity.after_attempt)
-    return clients
+    session = botocore.session.get_session()
+    return Clients(factory=lambda service: session.create_client(service, region_name=region, config=config))
 
 
 CREDENTIAL_ERRORS = frozenset(
@@ -988,8 +1004,14 @@ class Waiter:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
-    def wait(self, probe: Callable[[float], Verdict], *, what: str, expected: float = 0.0) -> Verdict:
+    def wait(
+        self, probe: Callable[[float], Verdict], *, what: str, expected: float = 0.0, settle: bool = False
+    ) -> Verdict:
+        """settle: the caller has just acted and read every load balancer, so the first probe
+        comes one poll interval later instead of asking the same question again at once."""
         start = self.clock()
+        if settle:
+            self.sleep(min(next_poll_delay(elapsed=0.0, expected=expected, poll=self.poll), self.time_left()))
         last_text, last_logged = "", -math.inf
         seen = "nothing yet"
         while True:
@@ -1012,7 +1034,11 @@ class Waiter:
                 )
                 last_text, last_logged = verdict.explanation, now
             delay = next_poll_delay(elapsed=now - start, expected=expected, poll=self.poll)
-            self.sleep(min(delay * random.uniform(0.9, 1.1), max(left, 0.01)))
+            # Jitter only upwards: never more than one call per poll interval to a load balancer.
+            self.sleep(min(delay * random.uniform(1.0, 1.2), self.time_left()))
+
+    def time_left(self) -> float:
+        return max(self.deadline - self.clock(), 0.01)
 
 
 def lifecycle_of(clients: Clients, instance_id: str) -> str | None:
@@ -1034,10 +1060,17 @@ def pending_lbs(states: dict[LoadBalancer, LbState], accept: Callable[[LbState],
 GONE_REASONS = frozenset({"Target.InvalidState", "InvalidTarget", "InvalidInstance"})
 
 
+# What a load balancer says of an instance not registered there at all. While waiting for
+# `in`, that may be a load balancer detached from the group: worth re-reading the group.
+NOT_REGISTERED_REASONS = frozenset({"Target.NotRegistered", "not registered"})
+
+
 class AsgProbe:
-    """Asks Auto Scaling only when the load balancers say done or the instance looks gone,
-    and every ASG_HEARTBEAT seconds re-reads the whole group: that notices a terminated or
-    detached instance, and load balancers detached from the group, without waiting them out."""
+    """Asks Auto Scaling only when the load balancers say done or the instance looks gone, and
+    as a heartbeat every ASG_HEARTBEAT polls: this instance's record (an answer whose size does
+    not grow with the group) notices a terminated or detached instance. The whole group is
+    re-read on the heartbeat only when a load balancer says the instance is not registered
+    there: a load balancer detached from the group, which would otherwise be waited out."""
 
     def __init__(self, ctx: Context, group: Group):
         self.ctx = ctx
@@ -1045,13 +1078,13 @@ class AsgProbe:
         self.last_at = ctx.waiter.clock()  # the caller just read the group
         self.lifecycle: str | None = "?"
 
-    def read(self, *, lbs_done: bool, looks_gone: bool) -> str | None:
-        clock = self.ctx.waiter.clock
-        if clock() - self.last_at >= ASG_HEARTBEAT:
+    def read(self, *, lbs_done: bool, looks_gone: bool, looks_detached: bool) -> str | None:
+        heartbeat = self.ctx.waiter.clock() - self.last_at >= ASG_HEARTBEAT * self.ctx.waiter.poll
+        if heartbeat and looks_detached:
             self.refresh_group()
-        elif lbs_done or looks_gone:
+        elif heartbeat or lbs_done or looks_gone:
             self.lifecycle = lifecycle_of(self.ctx.clients, self.ctx.instance_id)
-            self.last_at = clock()
+            self.last_at = self.ctx.waiter.clock()
         if self.lifecycle not in (None, "?"):
             self.ctx.lifecycle = str(self.lifecycle)  # what a failure summary reports
         return self.lifecycle
@@ -1117,6 +1150,7 @@ def wait_until(
     group: Group,
     what: str,
     expected: float = 0.0,
+    settle: bool = False,
 ) -> Verdict:
     asg = AsgProbe(ctx, group)
 
@@ -1132,10 +1166,12 @@ def wait_until(
         lifecycle = asg.read(
             lbs_done=all(accept(s) for s in states.values()),
             looks_gone=any(s.reason in GONE_REASONS for s in states.values()),
+            looks_detached=verdict_of is in_verdict
+            and any(s.reason in NOT_REGISTERED_REASONS for s in states.values()),
         )
         return verdict_of(lifecycle, states, ctx.instance_id)
 
-    verdict = ctx.waiter.wait(probe, what=what, expected=expected)
+    verdict = ctx.waiter.wait(probe, what=what, expected=expected, settle=settle)
     if verdict.gone:
         ctx.lifecycle = "gone"
         raise InstanceGone(verdict.explanation)
@@ -1164,6 +1200,7 @@ class Context:
     lifecycle: str = ""
     held: MinSizeRecord | None = None  # what this run wrote to the tag
     attempting: str = ""  # a change requested from AWS whose answer has not come back yet
+    yielded: bool = False  # gave its slot back after a race: out and in again
 
     def set_deadline(self, seconds: float) -> None:
         self.waiter.deadline = self.waiter.clock() + seconds
@@ -1352,7 +1389,7 @@ def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
                 raise
             ctx.log.info(f"waiting for a slot: {e}")
         else:
-            if keeps_its_slot(ctx, floor=floor):
+            if keeps_its_slot(ctx, floor=floor):  # which just read every load balancer
                 return finish_out_or_release(ctx, snap.group, expected=drain)
             yield_slot(ctx)
             if not wait_for_slot:
@@ -1465,6 +1502,7 @@ def yield_slot(ctx: Context) -> None:
     group = describe_group(ctx.clients, ctx.group_name)
     finish_out(ctx, group)
     cmd_in(ctx)
+    ctx.yielded = True
     ctx.actions.append("yielded the slot: back InService")
 
 
@@ -1478,13 +1516,13 @@ def release_after_failure(ctx: Context) -> None:
 def finish_out_or_release(ctx: Context, group: Group, *, expected: float) -> Result:
     """An instance that vanishes while draining can never come back to restore MinSize."""
     try:
-        return finish_out(ctx, group, expected=expected)
+        return finish_out(ctx, group, expected=expected, settle=True)
     except InstanceGone:
         release_after_failure(ctx)
         raise
 
 
-def finish_out(ctx: Context, group: Group, *, expected: float = 0.0) -> Result:
+def finish_out(ctx: Context, group: Group, *, expected: float = 0.0, settle: bool = False) -> Result:
     verdict = wait_until(
         out_verdict,
         is_deregistered,
@@ -1492,12 +1530,14 @@ def finish_out(ctx: Context, group: Group, *, expected: float = 0.0) -> Result:
         group=group,
         what="Standby and deregistration",
         expected=expected,
+        settle=settle,
     )
     ctx.lifecycle = "Standby"
     return Result(verdict.explanation)
 
 
 def cmd_in(ctx: Context) -> Result:
+    acted = False
     group = describe_group(ctx.clients, ctx.group_name)
     me = group.member(ctx.instance_id)
     if me is None:
@@ -1518,14 +1558,18 @@ def cmd_in(ctx: Context) -> Result:
                 "dry run: would ExitStandby, then wait for health checks", {"would": ["ExitStandby"]}
             )
         exit_standby(ctx, group.name)
-        group = describe_group(ctx.clients, ctx.group_name)
+        acted = True
+        if MIN_SIZE_TAG in group.tags:  # release_min_size counts who is still out, ours gone
+            group = describe_group(ctx.clients, ctx.group_name)
     elif me.lifecycle != "InService" and me.lifecycle not in PENDING_STATES:
         raise BalancedError(f"{ctx.instance_id} is {me.lifecycle}; cannot bring it back from there")
     else:
         ctx.log.info(f"{ctx.instance_id} is already {me.lifecycle}; only waiting")
     if not ctx.dry_run:
         release_min_size(ctx, group)
-    verdict = wait_until(in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy")
+    verdict = wait_until(
+        in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy", settle=acted
+    )
     ctx.lifecycle = "InService"
     return Result(verdict.explanation)
 
@@ -1770,8 +1814,8 @@ def where_it_was_left(ctx: Context) -> str:
     state = ctx.lifecycle or "mid-transition"
     if ctx.attempting:
         state = f"{state} ({ctx.attempting} was requested and may have been applied)"
-    if ctx.lifecycle == "InService" and not ctx.attempting:
-        return f"{ctx.instance_id} is InService again; safe to retry later"
+    if ctx.yielded and ctx.lifecycle == "InService" and not ctx.attempting:
+        return f"{ctx.instance_id} yielded its slot and is InService again; safe to retry later"
     if ctx.lifecycle in STANDBY_STATES or ctx.attempting == "EnterStandby":
         return (
             f"{ctx.instance_id} left {state}; rerun 'balanced.py out' to finish waiting, "
@@ -1791,16 +1835,18 @@ def summary_line(
     return f"{text} [{fmt_duration(elapsed)}]"
 
 
-def warn_if_unknown_region(region: str, log: Log) -> None:
-    """botocore still builds an endpoint for a region it does not know (a newer one, say),
-    so this only warns: a typo then shows up next to the connection error."""
-    import boto3
+def unknown_region_hint(region: str | None) -> str:
+    """Only on failure (it costs a start-up's worth of loading): botocore builds an endpoint
+    for any region, so a typo shows up as a connection error."""
+    import botocore.session
 
-    session = boto3.session.Session()
-    partitions = session.get_available_partitions()
-    known = {r for p in partitions for r in session.get_available_regions("autoscaling", p)}
-    if region not in known:
-        log.warning(f"region {region} is not one this botocore knows; a typo?")
+    if not region:
+        return ""
+    session = botocore.session.get_session()
+    known = {
+        r for p in session.get_available_partitions() for r in session.get_available_regions("autoscaling", p)
+    }
+    return "" if region in known else f" (region {region} is not one this botocore knows: a typo?)"
 
 
 def build_context(args: argparse.Namespace, log: Log, started: float, signals: Signals) -> Context:
@@ -1810,7 +1856,6 @@ def build_context(args: argparse.Namespace, log: Log, started: float, signals: S
     clients = make_clients(identity.region, environ)
     signals.activity = clients.activity
     clients.activity.log = log
-    warn_if_unknown_region(identity.region, log)
     waiter = Waiter(log=log, deadline=started + args.timeout, poll=args.poll)
     ctx = Context(
         clients=clients,
@@ -1868,7 +1913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message, details = EXIT_OK, result.message, result.details
     except DeadlinePassed as e:
         # Exit 4 promises "an action was taken"; before any, running out of time is a failure.
-        error, message = e, str(e)
+        error, message = e, str(e) + unknown_region_hint(args.region or os.environ.get("AWS_REGION"))
         code = EXIT_TIMEOUT if ctx and (ctx.actions or ctx.attempting) else EXIT_FAILED
     except (BalancedError, Interrupted) as e:
         error, code, message = e, e.exit_code, str(e)

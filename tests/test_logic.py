@@ -374,7 +374,7 @@ def test_an_instance_on_several_ports_counts_by_its_worst_port(states: list[str]
             "EnterStandby",
             "EnterStandby was requested and may have been applied",
         ),
-        ("InService", ["EnterStandby", "ExitStandby"], "", "is InService again; safe to retry later"),
+        ("InService", ["EnterStandby", "ExitStandby"], "", "left InService; rerun 'balanced.py in'"),
         ("Pending", ["ExitStandby"], "", "left Pending; rerun 'balanced.py in'"),
     ],
 )
@@ -384,6 +384,12 @@ def test_a_failure_after_an_action_says_where_the_instance_was_left(
     ctx = b.Context(clients=None, instance_id="i-1", log=b.Log(), waiter=None)  # type: ignore[arg-type]
     ctx.lifecycle, ctx.actions, ctx.attempting = lifecycle, actions, attempting
     assert advice in b.next_step(b.EXIT_ENVIRONMENT, ctx, b.NoEnvironment("credentials expired"))
+
+
+def test_a_yield_says_the_instance_is_back() -> None:
+    ctx = b.Context(clients=None, instance_id="i-1", log=b.Log(), waiter=None)  # type: ignore[arg-type]
+    ctx.lifecycle, ctx.actions, ctx.yielded = "InService", ["EnterStandby", "ExitStandby"], True
+    assert "yielded its slot and is InService again" in b.next_step(b.EXIT_REFUSED, ctx, b.Refused("x"))
 
 
 def test_ci_runs_the_test_command_written_in_the_readme() -> None:
