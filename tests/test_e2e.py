@@ -85,6 +85,20 @@ def test_status_shows_instance_group_and_load_balancers(aws: Any, imds: Any, env
     assert sorted(balanced("status", "--json", env=env).json["serving"]) == sorted(group.instance_ids)
 
 
+def test_a_traffic_source_it_cannot_check_is_named_not_ignored(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    on(imds, group.instance_ids[0])
+    lattice = "arn:aws:vpc-lattice:us-east-1:123456789012:targetgroup/tg-0123456789abcdef0"
+    aws.add_lattice_source(group.name, lattice)
+    status = balanced("status", env=env)
+    assert f"unchecked  vpc-lattice:{lattice}" in status.stdout
+    out = balanced("out", env=env)
+    assert_summary(out, "out", "OK", 0)
+    assert f"WARNING: traffic source vpc-lattice:{lattice} cannot be checked by this tool" in out.stderr
+
+
 # Idempotence -------------------------------------------------------------------------------------
 
 
