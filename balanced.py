@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import http.client
 import json
 import math
@@ -126,6 +127,39 @@ class NoEnvironment(BalancedError):
     exit_code = EXIT_ENVIRONMENT
 
 
+class MetadataUnreachable(NoEnvironment):
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class InstanceGone(BalancedError):
+    """The instance left its group (terminated, detached) or the group was deleted."""
+
+    advice = "the instance is gone from the group: nothing is left to finish on it"
+
+
+class LbGone(BalancedError):
+    """A target group or classic ELB the group lists no longer exists."""
+
+    def __init__(self, lb: LoadBalancer, code: str) -> None:
+        super().__init__(f"{lb.name} no longer exists ({code})")
+        self.lb = lb
+
+
+class CommandFailed(BalancedError):
+    """CMD's own exit code is balanced's, so a pipeline shows the deployment's failure."""
+
+    outcome = "COMMAND FAILED"
+    advice = (
+        "the instance stays out (Standby) so a broken server gets no traffic: fix it, then 'balanced.py in'"
+    )
+
+    def __init__(self, code: int, argv: list[str]) -> None:
+        super().__init__(f"command exited {code}: {' '.join(argv)}")
+        self.exit_code = code
+
+
 # Raised from signal handlers, so BaseException like KeyboardInterrupt: botocore catches
 # Exception around each HTTP attempt and would retry straight past them.
 class Interrupted(BaseException):
@@ -219,6 +253,9 @@ class Signals:
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
+        if self.deferring:  # nested: the outermost block decides
+            yield
+            return
         self.deferring, self.pending = True, None
         try:
             yield
@@ -252,12 +289,6 @@ def imds_base_url(environ: dict[str, str]) -> str:
     except ValueError:
         raise NoEnvironment(f"AWS_EC2_METADATA_SERVICE_ENDPOINT has a bad port: {url!r}") from None
     return url if url.endswith("/") else url + "/"
-
-
-class MetadataUnreachable(NoEnvironment):
-    def __init__(self, message: str, *, timed_out: bool) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
 
 
 class Metadata:
@@ -394,8 +425,13 @@ class Clients:
     made: dict[str, Any] = field(default_factory=dict)
 
     def client(self, service: str) -> Any:
+        from botocore.exceptions import BotoCoreError
+
         if service not in self.made:
-            client = self.factory(service)
+            try:
+                client = self.factory(service)
+            except (BotoCoreError, ValueError) as e:  # e.g. a malformed AWS_ENDPOINT_URL, no such profile
+                raise NoEnvironment(f"cannot set up the AWS {service} client: {e}") from None
             client.meta.events.register("before-call.*.*", self.activity.before_call)
             client.meta.events.register("needs-retry.*.*", self.activity.after_attempt)
             self.made[service] = client
@@ -512,28 +548,27 @@ def translate_aws_error(exc: Exception, doing: str, service: str = "") -> Balanc
     return BalancedError(f"failed to {doing}: {exc}")
 
 
-def aws_call(client: Any, operation: str, doing: str, **params: Any) -> dict[str, Any]:
-    """One API call; botocore already retried throttling and 5xx."""
+@contextlib.contextmanager
+def translated(doing: str, service: str) -> Iterator[None]:
+    """botocore's exceptions as ours (see translate_aws_error), keeping botocore's own text."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
+        yield
+    except (ClientError, BotoCoreError) as e:
+        raise translate_aws_error(e, doing, service) from e
+
+
+def aws_call(client: Any, operation: str, doing: str, **params: Any) -> dict[str, Any]:
+    """One API call; botocore already retried throttling and 5xx."""
+    with translated(doing, client.meta.service_model.service_name):
         result: dict[str, Any] = getattr(client, operation)(**params)
         return result
-    except ClientError as e:
-        raise translate_aws_error(e, doing, client.meta.service_model.service_name) from e
-    except BotoCoreError as e:
-        raise translate_aws_error(e, doing) from e
 
 
 def aws_pages(client: Any, operation: str, doing: str, **params: Any) -> Iterator[dict[str, Any]]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
+    with translated(doing, client.meta.service_model.service_name):
         yield from client.get_paginator(operation).paginate(**params)
-    except ClientError as e:
-        raise translate_aws_error(e, doing, client.meta.service_model.service_name) from e
-    except BotoCoreError as e:
-        raise translate_aws_error(e, doing) from e
 
 
 ###############################################################################
@@ -692,40 +727,23 @@ def active_instance_refresh(clients: Clients, group: str) -> str | None:
     return None
 
 
-class InstanceGone(BalancedError):
-    """The instance left its group (terminated, detached) or the group was deleted."""
-
-    advice = "the instance is gone from the group: nothing is left to finish on it"
-
-
-class LbGone(BalancedError):
-    """A target group or classic ELB the group lists no longer exists."""
-
-    def __init__(self, lb: LoadBalancer, code: str) -> None:
-        super().__init__(f"{lb.name} no longer exists ({code})")
-        self.lb = lb
-
-
 def lb_states(clients: Clients, lb: LoadBalancer, instance_id: str | None = None) -> dict[str, LbState]:
     """Every registered instance's state in one LB, or one instance's (even if unregistered)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
-    try:
-        if lb.kind == "tg":
-            return target_group_states(clients, lb, instance_id)
-        return classic_elb_states(clients, lb, instance_id)
-    except ClientError as e:
-        code = error_code(e)
-        if instance_id and code in ("InvalidTarget", "InvalidInstance"):
-            # What AWS's own deregistered waiters accept as "deregistered".
-            return {instance_id: LbState("unused", code)}
-        if code in ("TargetGroupNotFound", "LoadBalancerNotFound"):
-            raise LbGone(lb, code) from e
-        raise translate_aws_error(
-            e, f"read health of {lb.name}", "elbv2" if lb.kind == "tg" else "elb"
-        ) from e
-    except BotoCoreError as e:
-        raise translate_aws_error(e, f"read health of {lb.name}") from e
+    with translated(f"read health of {lb.name}", "elbv2" if lb.kind == "tg" else "elb"):
+        try:
+            if lb.kind == "tg":
+                return target_group_states(clients, lb, instance_id)
+            return classic_elb_states(clients, lb, instance_id)
+        except ClientError as e:
+            code = error_code(e)
+            if instance_id and code in ("InvalidTarget", "InvalidInstance"):
+                # What AWS's own deregistered waiters accept as "deregistered".
+                return {instance_id: LbState("unused", code)}
+            if code in ("TargetGroupNotFound", "LoadBalancerNotFound"):
+                raise LbGone(lb, code) from e
+            raise
 
 
 def target_group_states(clients: Clients, lb: LoadBalancer, instance_id: str | None) -> dict[str, LbState]:
@@ -928,7 +946,10 @@ def passing_refusals(snap: Snapshot, *, floor: int) -> list[str]:
 
 
 def min_size_conflicts(group: Group, *, floor: int) -> list[str]:
-    record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
+    try:
+        record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
+    except BalancedError as e:
+        return [str(e)]
     if record is None:
         return []
     if group.min_size not in (record.rollout, record.original):
@@ -972,6 +993,38 @@ def in_refusals(group: Group, me: Member) -> list[str]:
 
 
 ###############################################################################
+# Run context #################################################################
+###############################################################################
+
+
+@dataclass
+class Context:
+    """Plain values the commands work with; built once in main()."""
+
+    clients: Clients
+    instance_id: str
+    log: Log
+    waiter: Waiter
+    signals: Signals = field(default_factory=Signals)
+    dry_run: bool = False
+    actions: list[str] = field(default_factory=list)
+    group_name: str = ""
+    lifecycle: str = ""
+    held: MinSizeRecord | None = None  # what this run wrote to the tag
+    attempting: str = ""  # a change requested from AWS whose answer has not come back yet
+    yielded: bool = False  # gave its slot back after a race: out and in again
+    phase: str = ""  # "out" or "in": which command finishes the job after a failure
+
+    def set_deadline(self, seconds: float) -> None:
+        self.waiter.deadline = self.waiter.clock() + seconds
+        self.signals.arm_deadline(seconds)
+
+    def did(self, action: str) -> None:
+        self.actions.append(action)
+        self.log.info(action)
+
+
+###############################################################################
 # Waiting #####################################################################
 ###############################################################################
 
@@ -1005,19 +1058,18 @@ class Waiter:
     sleep: Callable[[float], None] = time.sleep
 
     def wait(
-        self, probe: Callable[[float], Verdict], *, what: str, expected: float = 0.0, settle: bool = False
+        self, probe: Callable[[], Verdict], *, what: str, expected: float = 0.0, settle: bool = False
     ) -> Verdict:
-        """settle: the caller has just acted and read every load balancer, so the first probe
-        comes one poll interval later instead of asking the same question again at once."""
+        """settle: the caller has just acted (and read the load balancers, or knows their answer),
+        so the first probe comes one poll interval later instead of at once."""
         start = self.clock()
         if settle:
             self.sleep(min(next_poll_delay(elapsed=0.0, expected=expected, poll=self.poll), self.time_left()))
         last_text, last_logged = "", -math.inf
         seen = "nothing yet"
         while True:
-            elapsed = self.clock() - start
             try:
-                verdict = probe(elapsed)
+                verdict = probe()
                 seen = verdict.explanation
             except AwsUnavailable as e:  # one lost poll is no reason to abandon a deployment
                 verdict = Verdict(WAIT, f"{seen}; AWS unavailable: {e}")
@@ -1077,6 +1129,7 @@ class AsgProbe:
         self.lbs = list(group.load_balancers)
         self.last_at = ctx.waiter.clock()  # the caller just read the group
         self.lifecycle: str | None = "?"
+        self.reads = 0
 
     def read(self, *, lbs_done: bool, looks_gone: bool, looks_detached: bool) -> str | None:
         heartbeat = self.ctx.waiter.clock() - self.last_at >= ASG_HEARTBEAT * self.ctx.waiter.poll
@@ -1085,6 +1138,7 @@ class AsgProbe:
         elif heartbeat or lbs_done or looks_gone:
             self.lifecycle = lifecycle_of(self.ctx.clients, self.ctx.instance_id)
             self.last_at = self.ctx.waiter.clock()
+            self.reads += 1
         if self.lifecycle not in (None, "?"):
             self.ctx.lifecycle = str(self.lifecycle)  # what a failure summary reports
         return self.lifecycle
@@ -1097,6 +1151,7 @@ class AsgProbe:
             return
         me = group.member(self.ctx.instance_id)
         self.lifecycle = me.lifecycle if me else None
+        self.reads += 1
         for lb in [lb for lb in self.lbs if lb not in group.load_balancers]:
             self.ctx.log.warning(f"{lb.name} was detached from {group.name}; no longer waiting for it")
             self.lbs.remove(lb)
@@ -1128,7 +1183,6 @@ def in_verdict(lifecycle: str | None, states: dict[LoadBalancer, LbState], insta
     if lifecycle.startswith(("Terminating", "Terminated", "Detach", "Warmed")):
         return Verdict(FAILED, f"{instance_id} is {lifecycle}; it will not come back")
     if lifecycle in STANDBY_STATES:
-        # Asked only once the LBs say done or at the heartbeat, long after our ExitStandby.
         return Verdict(FAILED, f"{instance_id} is {lifecycle} again: someone put it back out")
     busy = pending_lbs(states, is_serving)
     if busy:
@@ -1154,7 +1208,7 @@ def wait_until(
 ) -> Verdict:
     asg = AsgProbe(ctx, group)
 
-    def probe(_elapsed: float) -> Verdict:
+    def probe() -> Verdict:
         try:
             states = own_lb_states(ctx.clients, asg.lbs, ctx.instance_id)
         except LbGone as e:
@@ -1169,6 +1223,9 @@ def wait_until(
             looks_detached=verdict_of is in_verdict
             and any(s.reason in NOT_REGISTERED_REASONS for s in states.values()),
         )
+        if verdict_of is in_verdict and lifecycle in STANDBY_STATES and asg.reads < 2:
+            # A first read right after ExitStandby may not show it yet: believe it on the second.
+            return Verdict(WAIT, f"lifecycle {lifecycle}, ExitStandby not visible yet")
         return verdict_of(lifecycle, states, ctx.instance_id)
 
     verdict = ctx.waiter.wait(probe, what=what, expected=expected, settle=settle)
@@ -1185,32 +1242,6 @@ def wait_until(
 ###############################################################################
 
 
-@dataclass
-class Context:
-    """Plain values the commands work with; built once in main()."""
-
-    clients: Clients
-    instance_id: str
-    log: Log
-    waiter: Waiter
-    signals: Signals = field(default_factory=Signals)
-    dry_run: bool = False
-    actions: list[str] = field(default_factory=list)
-    group_name: str = ""
-    lifecycle: str = ""
-    held: MinSizeRecord | None = None  # what this run wrote to the tag
-    attempting: str = ""  # a change requested from AWS whose answer has not come back yet
-    yielded: bool = False  # gave its slot back after a race: out and in again
-
-    def set_deadline(self, seconds: float) -> None:
-        self.waiter.deadline = self.waiter.clock() + seconds
-        self.signals.arm_deadline(seconds)
-
-    def did(self, action: str) -> None:
-        self.actions.append(action)
-        self.log.info(action)
-
-
 def is_min_size_error(exc: BaseException) -> bool:
     cause = exc.__cause__
     return error_code(cause) == "ValidationError" and "update the AutoScalingGroup sizes" in str(cause)
@@ -1223,13 +1254,19 @@ def hold_min_size(ctx: Context, group: Group, *, floor: int) -> None:
     record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
     ctx.held = MinSizeRecord(original=record.original if record else group.min_size, rollout=floor)
     write_min_size_tag(ctx, group.name, ctx.held)
-    aws_call(
-        ctx.clients.autoscaling,
-        "update_auto_scaling_group",
-        f"set MinSize of {group.name} to {floor}",
-        AutoScalingGroupName=group.name,
-        MinSize=floor,
-    )
+    try:
+        aws_call(
+            ctx.clients.autoscaling,
+            "update_auto_scaling_group",
+            f"set MinSize of {group.name} to {floor}",
+            AutoScalingGroupName=group.name,
+            MinSize=floor,
+        )
+    except BalancedError:
+        if record is None:  # our record, of a change that did not happen
+            delete_min_size_tag(ctx, group.name)
+        ctx.held = None
+        raise
     ctx.did(
         f"MinSize of {group.name} {group.min_size} -> {floor} "
         f"(operator's {ctx.held.original} kept in tag {MIN_SIZE_TAG})"
@@ -1259,10 +1296,11 @@ def release_min_size(ctx: Context, group: Group) -> None:
     record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
     if record is None:
         return
-    if group.out_count:
-        ctx.log.info(
-            f"MinSize stays at {group.min_size} while {group.out_count} instance(s) are out; "
-            f"the last one back restores {record.original}"
+    others_out = others_out_of(group, ctx.instance_id)
+    if others_out:
+        ctx.log.warning(
+            f"MinSize of {group.name} stays at {group.min_size} while {others_out} other instance(s) "
+            f"are out; the last one back restores {record.original}"
         )
         return
     if group.min_size not in (record.rollout, record.original):
@@ -1281,10 +1319,16 @@ def release_min_size(ctx: Context, group: Group) -> None:
         ctx.did(f"MinSize of {group.name} restored {group.min_size} -> {record.original}")
         # Another out may have held MinSize again since our read: then the record is its.
         after = describe_group(ctx.clients, group.name)
-        if after.out_count or after.min_size != record.original:
+        if others_out_of(after, ctx.instance_id) or after.min_size != record.original:
             ctx.log.info(f"another out holds MinSize of {group.name} again; its record stays")
             return
     delete_min_size_tag(ctx, group.name)
+
+
+def others_out_of(group: Group, instance_id: str) -> int:
+    """Instances of the group out in Standby, this one excluded: when we call this, it is not
+    out (any more), even if a read right after ExitStandby still says so."""
+    return sum(1 for m in group.members if m.lifecycle in STANDBY_STATES and m.instance_id != instance_id)
 
 
 def delete_min_size_tag(ctx: Context, group: str) -> None:
@@ -1306,14 +1350,16 @@ def keep_record_alive(ctx: Context, group: Group) -> None:
 
 def enter_standby(ctx: Context, group: str) -> None:
     ctx.attempting = "EnterStandby"  # if the deadline strikes mid-call, AWS may have applied it
-    aws_call(
-        ctx.clients.autoscaling,
-        "enter_standby",
-        "enter Standby",
-        AutoScalingGroupName=group,
-        InstanceIds=[ctx.instance_id],
-        ShouldDecrementDesiredCapacity=True,
-    )
+    with ctx.signals.deferred():
+        request_transition(
+            ctx,
+            "enter_standby",
+            "enter Standby",
+            applied=STANDBY_STATES,
+            AutoScalingGroupName=group,
+            InstanceIds=[ctx.instance_id],
+            ShouldDecrementDesiredCapacity=True,
+        )
     ctx.attempting, ctx.lifecycle = "", "EnteringStandby"
     ctx.did(f"EnterStandby {ctx.instance_id} in {group} (desired capacity -1, no replacement)")
 
@@ -1321,15 +1367,31 @@ def enter_standby(ctx: Context, group: str) -> None:
 def exit_standby(ctx: Context, group: str) -> None:
     ctx.attempting = "ExitStandby"
     with ctx.signals.deferred():
-        aws_call(
-            ctx.clients.autoscaling,
+        request_transition(
+            ctx,
             "exit_standby",
             "exit Standby",
+            applied=PENDING_STATES | {"InService"},
             AutoScalingGroupName=group,
             InstanceIds=[ctx.instance_id],
         )
     ctx.attempting, ctx.lifecycle = "", "Pending"
     ctx.did(f"ExitStandby {ctx.instance_id} in {group} (desired capacity +1)")
+
+
+def request_transition(
+    ctx: Context, operation: str, doing: str, *, applied: frozenset[str], **params: Any
+) -> None:
+    """A standby move. When its answer is an error, ask where the instance is: botocore may have
+    retried after a lost answer, and AWS then rejects the retry of a move it already made."""
+    try:
+        aws_call(ctx.clients.autoscaling, operation, doing, **params)
+    except BalancedError:
+        lifecycle = lifecycle_of(ctx.clients, ctx.instance_id)  # may fail too: attempting stays
+        if lifecycle not in applied:
+            ctx.attempting = ""  # AWS answered, and the instance has not moved
+            raise
+        ctx.log.warning(f"{doing}: an earlier attempt went through (its answer was lost); now {lifecycle}")
 
 
 ###############################################################################
@@ -1344,11 +1406,13 @@ class Result:
 
 
 @dataclass(frozen=True)
-class Floor:
+class FloorRule:
+    """--min-healthy and --min-healthy-percent: the floor of a group, as a number of instances."""
+
     min_healthy: int
     min_healthy_percent: float
 
-    def of(self, group: Group) -> int:
+    def floor(self, group: Group) -> int:
         return floor_for(
             group.full_capacity, min_healthy=self.min_healthy, min_healthy_percent=self.min_healthy_percent
         )
@@ -1365,76 +1429,84 @@ def expected_drain(ctx: Context, group: Group) -> float:
     return max((drain_seconds(ctx.clients, lb) for lb in group.load_balancers), default=0.0)
 
 
-def cmd_out(ctx: Context, *, floor: Floor, wait_for_slot: bool) -> Result:
+def drain_budget(drain: float) -> float:
+    """Time to allow for a drain: AWS moves the instance to Standby a little after the drain."""
+    return drain * 1.1 + 1.0
+
+
+def cmd_out(ctx: Context, *, rule: FloorRule, wait_for_slot: bool) -> Result:
+    ctx.phase = "out"
     snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
     log_traffic_sources(ctx, snap.group)
     ctx.lifecycle = snap.me.lifecycle
     if snap.me.lifecycle in STANDBY_STATES:
+        if ctx.dry_run:
+            return Result(f"dry run: already {snap.me.lifecycle}; would wait for the drain to end")
         ctx.log.info(f"{ctx.instance_id} is already {snap.me.lifecycle}; only waiting")
         return finish_out(ctx, snap.group)
     drain = expected_drain(ctx, snap.group)
+    last_start = ctx.waiter.deadline - drain_budget(drain)  # after it, the drain cannot fit
     while True:
-        snap = wait_for_gates(ctx, snap, floor=floor, wait_for_slot=wait_for_slot)
-        remaining = ctx.waiter.deadline - ctx.waiter.clock()
-        if drain > remaining:
+        snap = wait_for_gates(ctx, snap, rule=rule, wait_for_slot=wait_for_slot, until=last_start)
+        if ctx.waiter.clock() > last_start:
+            left = ctx.waiter.deadline - ctx.waiter.clock()
             raise Refused(
-                f"load balancers may drain for {drain:.0f}s but only {remaining:.0f}s of --timeout are left"
+                f"load balancers may drain for {drain:.0f}s but only {left:.0f}s of --timeout are left"
             )
         if ctx.dry_run:
-            return Result(f"dry run: would {', then '.join(out_plan(snap.group, floor, drain))}")
+            return Result(f"dry run: would {', then '.join(out_plan(snap.group, rule, drain))}")
         try:
-            take_out(ctx, snap.group, floor=floor)
+            take_out(ctx, snap.group, rule=rule)
         except Refused as e:
-            if not wait_for_slot or ctx.waiter.deadline <= ctx.waiter.clock():
+            if not wait_for_slot or ctx.waiter.clock() >= last_start:
                 raise
             ctx.log.info(f"waiting for a slot: {e}")
         else:
-            if keeps_its_slot(ctx, floor=floor):  # which just read every load balancer
+            if keeps_its_slot(ctx, rule=rule):  # which just read every load balancer
                 return finish_out_or_release(ctx, snap.group, expected=drain)
-            yield_slot(ctx)
+            yield_slot(ctx, expected=drain)
             if not wait_for_slot:
-                raise Refused("yielded to a concurrent out that took the same slot; back InService")
-        pause_before_recheck(ctx)
+                raise Refused("yielded to a concurrent out that took the same slot")
+        pause_before_recheck(ctx, until=last_start)
         snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
 
 
-def out_plan(group: Group, floor: Floor, drain: float) -> list[str]:
+def out_plan(group: Group, rule: FloorRule, drain: float) -> list[str]:
     plan = ["EnterStandby (desired capacity -1)", f"wait up to {drain:.0f}s for draining"]
-    if must_hold_min_size(group, floor=floor.of(group)):
-        plan.insert(0, f"set MinSize {group.min_size} -> {floor.of(group)}")
+    if must_hold_min_size(group, floor=rule.floor(group)):
+        plan.insert(0, f"set MinSize {group.min_size} -> {rule.floor(group)}")
     return plan
 
 
-def pause_before_recheck(ctx: Context) -> None:
+def pause_before_recheck(ctx: Context, *, until: float) -> None:
     """Jittered, so that ten instances waiting for a slot do not poll in lock-step."""
-    left = ctx.waiter.deadline - ctx.waiter.clock()
-    ctx.waiter.sleep(max(0.0, min(left, random.uniform(0.5, 1.5) * max(ctx.waiter.poll * 3, 1.0))))
+    pause = random.uniform(0.5, 1.5) * max(ctx.waiter.poll * 3, 1.0)
+    ctx.waiter.sleep(max(0.0, min(until - ctx.waiter.clock(), pause)))
 
 
-def wait_for_gates(ctx: Context, snap: Snapshot, *, floor: Floor, wait_for_slot: bool) -> Snapshot:
-    """Refuse, or with --wait re-check until the gates pass or time runs out."""
+def wait_for_gates(
+    ctx: Context, snap: Snapshot, *, rule: FloorRule, wait_for_slot: bool, until: float
+) -> Snapshot:
+    """Refuse, or with --wait re-check until the gates pass or `until`, the last moment an
+    out can start and still drain within --timeout."""
     while True:
-        reasons = out_refusals(snap, floor=floor.of(snap.group))
-        if not reasons:
+        floor = rule.floor(snap.group)
+        lasting, passing = lasting_refusals(snap, floor=floor), passing_refusals(snap, floor=floor)
+        if not lasting and not passing:
             return snap
-        if (
-            not wait_for_slot
-            or lasting_refusals(snap, floor=floor.of(snap.group))
-            or snap.me.lifecycle != "InService"
-            or ctx.waiter.deadline <= ctx.waiter.clock()
-        ):
-            raise Refused("; ".join(reasons))
+        if not wait_for_slot or lasting or snap.me.lifecycle != "InService" or ctx.waiter.clock() >= until:
+            raise Refused("; ".join(lasting + passing))
         serving = len(serving_instances(snap.group, snap.health))
         ctx.log.info(
             f"waiting for a slot: {serving} of {snap.group.full_capacity} serving, "
-            f"floor {floor.of(snap.group)} ({reasons[0]})"
+            f"floor {floor} ({passing[0]})"
         )
-        pause_before_recheck(ctx)
+        pause_before_recheck(ctx, until=until)
         snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
 
 
-def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
-    target = floor.of(group)
+def take_out(ctx: Context, group: Group, *, rule: FloorRule) -> None:
+    target = rule.floor(group)
     hold = must_hold_min_size(group, floor=target)
     if hold and target > group.desired - 1:
         raise Refused(f"no free slot: desired capacity {group.desired} - 1 is below the floor {target}")
@@ -1444,7 +1516,6 @@ def take_out(ctx: Context, group: Group, *, floor: Floor) -> None:
         try:
             enter_standby(ctx, group.name)
         except BalancedError as e:
-            ctx.attempting = ""  # AWS answered: it did not happen
             release_after_failure(ctx)
             if is_min_size_error(e):
                 raise Refused(f"no free slot: AWS refused EnterStandby below MinSize ({e.__cause__})") from e
@@ -1460,7 +1531,7 @@ def standby_entrants(clients: Clients, group: Group) -> list[str]:
     """Instances now out (EnteringStandby or, with a short drain, already Standby), oldest
     EnterStandby first: by the start of their latest standby activity, then by id."""
     out = {m.instance_id for m in group.members if m.lifecycle in STANDBY_STATES}
-    started: dict[str, str] = {}
+    started: dict[str, datetime.datetime] = {}
     pages = aws_pages(
         clients.autoscaling,
         "describe_scaling_activities",
@@ -1471,8 +1542,9 @@ def standby_entrants(clients: Clients, group: Group) -> list[str]:
     for activity in (a for page in pages for a in page.get("Activities", [])):
         match = STANDBY_ENTRY_RE.match(activity.get("Description", ""))
         if match and match.group(1) in out:
-            started.setdefault(match.group(1), activity["StartTime"].isoformat())
-    return sorted(out, key=lambda i: (started.get(i, ""), i))
+            started.setdefault(match.group(1), activity["StartTime"])
+    oldest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)  # entered before our history
+    return sorted(out, key=lambda i: (started.get(i, oldest), i))
 
 
 def yielders(entrants: list[str], *, deficit: int) -> list[str]:
@@ -1482,11 +1554,11 @@ def yielders(entrants: list[str], *, deficit: int) -> list[str]:
     return entrants[len(entrants) - excess :] if excess > 0 else []
 
 
-def keeps_its_slot(ctx: Context, *, floor: Floor) -> bool:
+def keeps_its_slot(ctx: Context, *, rule: FloorRule) -> bool:
     """Re-check the floor right after EnterStandby: a concurrent out may have read the same state."""
     snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=False)
     keep_record_alive(ctx, snap.group)
-    needed = floor.of(snap.group)
+    needed = rule.floor(snap.group)
     serving = len(serving_instances(snap.group, snap.health))
     if serving >= needed:
         return True
@@ -1497,10 +1569,10 @@ def keeps_its_slot(ctx: Context, *, floor: Floor) -> bool:
     return ctx.instance_id not in losers
 
 
-def yield_slot(ctx: Context) -> None:
+def yield_slot(ctx: Context, *, expected: float) -> None:
     """Give the slot back: AWS allows ExitStandby only from Standby, so drain first."""
     group = describe_group(ctx.clients, ctx.group_name)
-    finish_out(ctx, group)
+    finish_out(ctx, group, expected=expected)
     cmd_in(ctx)
     ctx.yielded = True
     ctx.actions.append("yielded the slot: back InService")
@@ -1537,7 +1609,7 @@ def finish_out(ctx: Context, group: Group, *, expected: float = 0.0, settle: boo
 
 
 def cmd_in(ctx: Context) -> Result:
-    acted = False
+    ctx.phase, acted = "in", False
     group = describe_group(ctx.clients, ctx.group_name)
     me = group.member(ctx.instance_id)
     if me is None:
@@ -1563,10 +1635,11 @@ def cmd_in(ctx: Context) -> Result:
             group = describe_group(ctx.clients, ctx.group_name)
     elif me.lifecycle != "InService" and me.lifecycle not in PENDING_STATES:
         raise BalancedError(f"{ctx.instance_id} is {me.lifecycle}; cannot bring it back from there")
+    elif ctx.dry_run:
+        return Result(f"dry run: already {me.lifecycle}; would wait for health checks")
     else:
         ctx.log.info(f"{ctx.instance_id} is already {me.lifecycle}; only waiting")
-    if not ctx.dry_run:
-        release_min_size(ctx, group)
+    release_min_size(ctx, group)
     verdict = wait_until(
         in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy", settle=acted
     )
@@ -1574,17 +1647,18 @@ def cmd_in(ctx: Context) -> Result:
     return Result(verdict.explanation)
 
 
-def cmd_status(ctx: Context, *, floor: Floor) -> Result:
+def cmd_status(ctx: Context, *, rule: FloorRule) -> Result:
     snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
     group = snap.group
     ctx.lifecycle = snap.me.lifecycle
     serving = serving_instances(group, snap.health)
-    reasons = out_refusals(snap, floor=floor.of(group))
+    floor = rule.floor(group)
+    reasons = out_refusals(snap, floor=floor)
     lines = [
         f"instance   {ctx.instance_id}  {snap.me.lifecycle}  {snap.me.health}",
         (
             f"group      {group.name}  min {group.min_size}  desired {group.desired}  max {group.max_size}"
-            f"  out {group.out_count}  serving {len(serving)}/{group.full_capacity}  floor {floor.of(group)}"
+            f"  out {group.out_count}  serving {len(serving)}/{group.full_capacity}  floor {floor}"
         ),
     ]
     for lb, states in snap.health.items():
@@ -1604,7 +1678,7 @@ def cmd_status(ctx: Context, *, floor: Floor) -> Result:
         "desired_capacity": group.desired,
         "max_size": group.max_size,
         "serving": serving,
-        "floor": floor.of(group),
+        "floor": floor,
         "out_allowed": not reasons,
         "out_refusals": reasons,
         "load_balancers": [
@@ -1617,10 +1691,10 @@ def cmd_status(ctx: Context, *, floor: Floor) -> Result:
 
 
 def cmd_run(
-    ctx: Context, *, floor: Floor, wait_for_slot: bool, argv: list[str], timeout: float, json_output: bool
+    ctx: Context, *, rule: FloorRule, wait_for_slot: bool, argv: list[str], timeout: float, json_output: bool
 ) -> Result:
     """out, CMD, in. A failed CMD leaves the instance out: a broken server stays out of traffic."""
-    cmd_out(ctx, floor=floor, wait_for_slot=wait_for_slot)
+    cmd_out(ctx, rule=rule, wait_for_slot=wait_for_slot)
     if ctx.dry_run:
         return Result(f"dry run: would take the instance out, run {' '.join(argv)}, and put it back")
     ctx.log.info(f"running: {' '.join(argv)}")
@@ -1631,19 +1705,6 @@ def cmd_run(
     ctx.log.info("command succeeded; putting the instance back")
     ctx.set_deadline(timeout)  # in gets a full --timeout of its own
     return cmd_in(ctx)
-
-
-class CommandFailed(BalancedError):
-    """CMD's own exit code is balanced's, so a pipeline shows the deployment's failure."""
-
-    outcome = "COMMAND FAILED"
-    advice = (
-        "the instance stays out (Standby) so a broken server gets no traffic: fix it, then 'balanced.py in'"
-    )
-
-    def __init__(self, code: int, argv: list[str]) -> None:
-        super().__init__(f"command exited {code}: {' '.join(argv)}")
-        self.exit_code = code
 
 
 def run_forwarding_signals(argv: list[str], *, stdout_to_stderr: bool) -> int:
@@ -1801,7 +1862,7 @@ def next_step(code: int, ctx: Context | None, error: BaseException | None) -> st
     """What the operator should do after a failure: first whatever AWS was already asked to do."""
     if isinstance(error, BalancedError) and error.advice:
         return error.advice
-    if ctx is not None and (ctx.actions or ctx.attempting):
+    if ctx is not None and (ctx.actions or ctx.attempting or code == EXIT_TIMEOUT):
         return where_it_was_left(ctx)
     if code == EXIT_REFUSED:
         return "nothing changed; safe to retry later"
@@ -1816,7 +1877,7 @@ def where_it_was_left(ctx: Context) -> str:
         state = f"{state} ({ctx.attempting} was requested and may have been applied)"
     if ctx.yielded and ctx.lifecycle == "InService" and not ctx.attempting:
         return f"{ctx.instance_id} yielded its slot and is InService again; safe to retry later"
-    if ctx.lifecycle in STANDBY_STATES or ctx.attempting == "EnterStandby":
+    if ctx.phase == "out":
         return (
             f"{ctx.instance_id} left {state}; rerun 'balanced.py out' to finish waiting, "
             "or 'balanced.py in' to put it back"
@@ -1825,10 +1886,15 @@ def where_it_was_left(ctx: Context) -> str:
 
 
 def summary_line(
-    command: str, code: int, ctx: Context | None, message: str, elapsed: float, error: BaseException | None
+    command: str,
+    outcome: str,
+    code: int,
+    ctx: Context | None,
+    message: str,
+    elapsed: float,
+    error: BaseException | None,
 ) -> str:
     who = f"{ctx.instance_id} {ctx.group_name}".strip() if ctx else "(instance unknown)"
-    outcome = getattr(error, "outcome", None) or OUTCOMES.get(code, "FAILED")
     text = f"balanced: {command}: {outcome} ({code}) {who}: {message}"
     if code != EXIT_OK:
         text += f"; {next_step(code, ctx, error)}"
@@ -1872,15 +1938,15 @@ def build_context(args: argparse.Namespace, log: Log, started: float, signals: S
 
 
 def run_command(args: argparse.Namespace, ctx: Context) -> Result:
-    floor = Floor(getattr(args, "min_healthy", 1), getattr(args, "min_healthy_percent", 0.0))
+    rule = FloorRule(getattr(args, "min_healthy", 1), getattr(args, "min_healthy_percent", 0.0))
     if args.command == "out":
-        return cmd_out(ctx, floor=floor, wait_for_slot=args.wait)
+        return cmd_out(ctx, rule=rule, wait_for_slot=args.wait)
     if args.command == "in":
         return cmd_in(ctx)
     if args.command == "status":
-        return cmd_status(ctx, floor=floor)
+        return cmd_status(ctx, rule=rule)
     return cmd_run(
-        ctx, floor=floor, wait_for_slot=args.wait, argv=args.cmd, timeout=args.timeout, json_output=args.json
+        ctx, rule=rule, wait_for_slot=args.wait, argv=args.cmd, timeout=args.timeout, json_output=args.json
     )
 
 
@@ -1934,7 +2000,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         details.pop("text", None)
         print(json.dumps(result_json(args.command, outcome, code, message, ctx, elapsed, details)))
-    print(summary_line(args.command, code, ctx, message, elapsed, error), file=sys.stderr, flush=True)
+    print(
+        summary_line(args.command, outcome, code, ctx, message, elapsed, error), file=sys.stderr, flush=True
+    )
     return code
 
 

@@ -40,6 +40,7 @@ class Faults:
     fail_after_action: str | None = None  # pass until this action succeeded once, then fail all
     tripped_code: str = "ServiceUnavailable"  # ...with this AWS error code
     tripped_status: int = 503
+    lose_answer_of: str | None = None  # forward this action once, then drop AWS's answer
     seed: int = 0
 
 
@@ -102,6 +103,14 @@ class FaultProxy:
                 self.tally.count(kind)
             return kind
 
+    def loses_answer(self, action: str) -> bool:
+        with self._lock:
+            if action and action == self.faults.lose_answer_of:
+                self.faults.lose_answer_of = None
+                self.tally.count("lost answer")
+                return True
+            return False
+
     def saw_success(self, action: str) -> None:
         with self._lock:
             if action == self.faults.fail_after_action:
@@ -144,10 +153,14 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                action = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
+                if proxy.loses_answer(action):  # AWS did it; the caller never hears so
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 with proxy._lock:
                     proxy.tally.forwarded += 1
                 if resp.status == 200:
-                    action = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
                     proxy.saw_success(action)
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():

@@ -104,6 +104,48 @@ def test_a_signal_during_a_slow_aws_call_is_not_swallowed_by_botocore(
     assert_outcome(Run(proc.returncode, "", stderr), 143, "interrupted by SIGTERM", "nothing was changed")
 
 
+@pytest.mark.parametrize("action", ["EnterStandby", "ExitStandby"])
+def test_a_lost_answer_to_a_standby_move_is_recognised_not_reported_as_failure(
+    aws: Any, imds: Any, env: dict[str, str], action: str
+) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    me = group.instance_ids[0]
+    imds.instance_id = me
+    if action == "ExitStandby":
+        assert_outcome(balanced("out", env=env), 0)
+    command = "out" if action == "EnterStandby" else "in"
+    with FaultProxy(aws.endpoint, Faults(lose_answer_of=action)) as proxy:
+        run = balanced(command, env=dict(env, AWS_ENDPOINT_URL=proxy.endpoint))
+    assert proxy.tally.injected == {"lost answer": 1}
+    # botocore retried; AWS rejected the retry of a move it had made. Still a success:
+    assert_outcome(run, 0)
+    assert "an earlier attempt went through (its answer was lost)" in run.stderr
+    assert aws.lifecycle(me) == ("Standby" if action == "EnterStandby" else "InService")
+
+
+def test_a_refused_min_size_change_takes_its_record_back(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=2, min_size=2, max_size=2)
+    imds.instance_id = group.instance_ids[0]
+    aws.fail_next("UpdateAutoScalingGroup", code="AccessDenied", message="not authorized", status=403)
+    run = balanced("out", env=env)
+    assert_outcome(run, 1, "the instance role needs autoscaling:UpdateAutoScalingGroup")
+    assert "balanced:min-size" not in aws.group_tags(group.name)
+    assert aws.group_sizes(group.name) == (2, 2, 2) and aws.lifecycle(group.instance_ids[0]) == "InService"
+
+
+def test_wait_that_runs_out_under_slow_aws_is_refused_not_failed(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=1)
+    imds.instance_id = group.instance_ids[0]
+    aws.start_activity(group.name)  # a gate that never passes
+    with FaultProxy(aws.endpoint, Faults(slow=1.0, slow_seconds=0.3)) as proxy:
+        slow = dict(env, AWS_ENDPOINT_URL=proxy.endpoint)
+        run = balanced("out", "--wait", "--timeout", "6", env=slow, timeout=60)
+    assert_outcome(run, 3, "scaling activity in progress", "nothing changed; safe to retry later")
+    assert mutations(aws) == []
+
+
 # The metadata service misbehaves -----------------------------------------------------------------------
 
 
@@ -198,9 +240,13 @@ def test_instance_terminated_while_draining_fails_fast_and_gives_min_size_back(
     imds.instance_id = me
     proc = start_out(env)
     wait_for(lambda: aws.lifecycle(me) == "EnteringStandby", "EnteringStandby")
+    aws.clear_calls()
     aws.terminate(me)
     _, stderr = proc.communicate(timeout=30)  # long before the 60 s timeout or the 30 s drain
     assert_outcome(Run(proc.returncode, "", stderr), 1, "left its Auto Scaling group", "the instance is gone")
+    # Seen at once from the target's Target.InvalidState, not at the next 10-poll heartbeat:
+    polls_after = [c for c in aws.calls_of("DescribeTargetHealth") if "Targets.member.1.Id" in c.params]
+    assert len(polls_after) < 5
     # It can never run `in`: the MinSize it lowered is restored now, and the record removed.
     assert aws.group_sizes(group.name)[0] == 2
     assert "balanced:min-size" not in aws.group_tags(group.name)

@@ -241,18 +241,18 @@ def test_a_race_that_breaks_the_floor_makes_exactly_the_later_entrant_yield(
     group = aws.make_group(size=5, min_size=0, deregistration_delay=1.0, health_seconds=0.5)
     first, second, *_, sick = group.instance_ids
     aws.set_target_health(sick, "unhealthy")  # InService in the ASG, serving nowhere
-    floor = balanced.Floor(min_healthy=3, min_healthy_percent=0)
+    rule = balanced.FloorRule(min_healthy=3, min_healthy_percent=0)
     ctx = {i: context_for(i, group.name) for i in (first, second)}
     # Both read the same state: 3 others serving each, exactly the floor. Then both act.
     snaps = {i: balanced.take_snapshot(c.clients, i, group.name, gates=True) for i, c in ctx.items()}
     assert all(balanced.out_refusals(s, floor=3) == [] for s in snaps.values())
     for i in (first, second):
-        balanced.take_out(ctx[i], snaps[i].group, floor=floor)
+        balanced.take_out(ctx[i], snaps[i].group, rule=rule)
         time.sleep(0.02)  # distinct EnterStandby start times
     # Now 2 serve, floor 3: exactly one must give its slot back, and it is the later one.
-    assert balanced.keeps_its_slot(ctx[first], floor=floor) is True
-    assert balanced.keeps_its_slot(ctx[second], floor=floor) is False
-    balanced.yield_slot(ctx[second])
+    assert balanced.keeps_its_slot(ctx[first], rule=rule) is True
+    assert balanced.keeps_its_slot(ctx[second], rule=rule) is False
+    balanced.yield_slot(ctx[second], expected=1.0)
     assert aws.lifecycle(second) == "InService" and aws.target_state(second, group.tg_arns[0]) == "healthy"
     assert aws.lifecycle(first) in ("EnteringStandby", "Standby")
     assert aws.group_tags(group.name)["balanced:min-size"] == "original=0 rollout=3"  # first is still out

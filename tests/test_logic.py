@@ -257,7 +257,7 @@ def make_waiter(clock: FakeClock, *, timeout: float, poll: float = 1.0) -> b.Wai
 def test_wait_probes_before_sleeping_and_stops_when_done() -> None:
     clock = FakeClock()
     verdicts = iter([b.Verdict(b.WAIT, "a"), b.Verdict(b.WAIT, "a"), b.Verdict(b.DONE, "ok")])
-    result = make_waiter(clock, timeout=60).wait(lambda _e: next(verdicts), what="x")
+    result = make_waiter(clock, timeout=60).wait(lambda: next(verdicts), what="x")
     assert result.status == b.DONE and len(clock.sleeps) == 2
 
 
@@ -265,13 +265,13 @@ def test_wait_times_out_with_the_last_state_seen() -> None:
     clock = FakeClock()
     states = iter(f"tg/web draining {n}" for n in range(1000))
     with pytest.raises(b.TimedOut, match=r"last seen: tg/web draining \d+$"):
-        make_waiter(clock, timeout=10).wait(lambda _e: b.Verdict(b.WAIT, next(states)), what="x")
+        make_waiter(clock, timeout=10).wait(lambda: b.Verdict(b.WAIT, next(states)), what="x")
     assert clock.now - 1000.0 <= 10.01
 
 
 def test_wait_returns_failures_immediately() -> None:
     clock = FakeClock()
-    result = make_waiter(clock, timeout=10).wait(lambda _e: b.Verdict(b.FAILED, "gone"), what="x")
+    result = make_waiter(clock, timeout=10).wait(lambda: b.Verdict(b.FAILED, "gone"), what="x")
     assert result.status == b.FAILED and clock.sleeps == []
 
 
@@ -328,7 +328,9 @@ def test_bad_environment_is_an_environment_error(env: dict[str, str], message: s
 
 
 def test_summary_line_names_instance_outcome_code_and_next_step() -> None:
-    line = b.summary_line("out", b.EXIT_REFUSED, None, "only 0 other instance(s) serving", 1.5, None)
+    line = b.summary_line(
+        "out", "REFUSED", b.EXIT_REFUSED, None, "only 0 other instance(s) serving", 1.5, None
+    )
     assert line.startswith("balanced: out: REFUSED (3) ")
     assert line.endswith("nothing changed; safe to retry later [1.5s]")
 
@@ -383,6 +385,7 @@ def test_a_failure_after_an_action_says_where_the_instance_was_left(
 ) -> None:
     ctx = b.Context(clients=None, instance_id="i-1", log=b.Log(), waiter=None)  # type: ignore[arg-type]
     ctx.lifecycle, ctx.actions, ctx.attempting = lifecycle, actions, attempting
+    ctx.phase = "in" if "ExitStandby" in actions else "out"
     assert advice in b.next_step(b.EXIT_ENVIRONMENT, ctx, b.NoEnvironment("credentials expired"))
 
 
