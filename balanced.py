@@ -1670,6 +1670,10 @@ def cmd_status(ctx: Context, *, rule: FloorRule) -> Result:
         lines.append(f"suspended  {', '.join(sorted(group.suspended))}")
     if MIN_SIZE_TAG in group.tags:
         lines.append(f"tag        {MIN_SIZE_TAG}={group.tags[MIN_SIZE_TAG]}")
+    peers = peer_states(group, snap.health, ctx.instance_id)
+    not_serving = {i: state for i, state in peers.items() if state != "serving"}
+    lines.append(f"peers      {len(peers) - len(not_serving)} of {len(peers)} others serving")
+    lines += [f"peer       {i}  {state}" for i, state in sorted(not_serving.items())]
     lines.append("out now    " + ("allowed" if not reasons else "refused: " + "; ".join(reasons)))
     details = {
         "lifecycle_state": snap.me.lifecycle,
@@ -1678,6 +1682,7 @@ def cmd_status(ctx: Context, *, rule: FloorRule) -> Result:
         "desired_capacity": group.desired,
         "max_size": group.max_size,
         "serving": serving,
+        "peers": peers,
         "floor": floor,
         "out_allowed": not reasons,
         "out_refusals": reasons,
@@ -1688,6 +1693,29 @@ def cmd_status(ctx: Context, *, rule: FloorRule) -> Result:
         "text": lines,
     }
     return Result(f"{snap.me.lifecycle}, {len(serving)} of {group.full_capacity} serving", details)
+
+
+def peer_states(group: Group, health: dict[LoadBalancer, dict[str, LbState]], me: str) -> dict[str, str]:
+    """Every other instance: "serving", or why not."""
+    serving = set(serving_instances(group, health))
+    states = {}
+    for m in group.members:
+        if m.instance_id == me:
+            continue
+        if m.instance_id in serving:
+            states[m.instance_id] = "serving"
+            continue
+        why = (
+            [f"{m.lifecycle}/{m.health}"]
+            if m.lifecycle != "InService" or m.health.lower() != "healthy"
+            else []
+        )
+        for lb, states_in_lb in health.items():
+            state = states_in_lb.get(m.instance_id)
+            if not is_serving(state):
+                why.append(f"{lb.name} {state.describe() if state else 'not registered'}")
+        states[m.instance_id] = "; ".join(why)
+    return states
 
 
 def cmd_run(

@@ -81,8 +81,25 @@ def test_status_shows_instance_group_and_load_balancers(aws: Any, imds: Any, env
         assert f"tg/{name}  healthy" in run.stdout
     assert f"elb/{group.elb_names[0]}  InService" in run.stdout
     assert "out now    allowed" in run.stdout
+    assert "peers      2 of 2 others serving" in run.stdout
     assert mutations(aws) == []
     assert sorted(balanced("status", "--json", env=env).json["serving"]) == sorted(group.instance_ids)
+
+
+def test_status_names_the_peers_that_do_not_serve_and_why(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=4, min_size=1)
+    me, standby, sick, fine = group.instance_ids
+    on(imds, me)
+    aws.client("autoscaling").enter_standby(
+        AutoScalingGroupName=group.name, InstanceIds=[standby], ShouldDecrementDesiredCapacity=True
+    )
+    aws.set_target_health(sick, "unhealthy", "Target.ResponseCodeMismatch")
+    run = balanced("status", env=env)
+    assert "peers      1 of 3 others serving" in run.stdout
+    assert f"peer       {sick}  tg/{group.tg_names[0]} unhealthy (Target.ResponseCodeMismatch)" in run.stdout
+    assert f"peer       {standby}  " in run.stdout and "Standby/Healthy" in run.stdout  # Entering or not
+    peers = balanced("status", "--json", env=env).json["peers"]
+    assert peers[fine] == "serving" and peers[sick].startswith(f"tg/{group.tg_names[0]} unhealthy")
 
 
 def test_a_traffic_source_it_cannot_check_is_named_not_ignored(
