@@ -259,6 +259,10 @@ class Signals:
         self.deferring, self.pending = True, None
         try:
             yield
+        except Exception as e:
+            if self.pending is not None:  # the operator asked to stop: that wins over the error
+                raise Interrupted(self.pending) from e
+            raise
         finally:
             self.deferring = False
         if self.pending is not None:
@@ -1262,15 +1266,30 @@ def hold_min_size(ctx: Context, group: Group, *, floor: int) -> None:
             AutoScalingGroupName=group.name,
             MinSize=floor,
         )
-    except BalancedError:
-        if record is None:  # our record, of a change that did not happen
-            delete_min_size_tag(ctx, group.name)
+    except BalancedError as e:
         ctx.held = None
+        take_back_record(ctx, group.name, error=e)
         raise
     ctx.did(
         f"MinSize of {group.name} {group.min_size} -> {floor} "
         f"(operator's {ctx.held.original} kept in tag {MIN_SIZE_TAG})"
     )
+
+
+def take_back_record(ctx: Context, group: str, *, error: BalancedError) -> None:
+    """After a failed MinSize change: drop the tag only if nothing needs it. The change may
+    have happened (a lost answer), or another out may hold MinSize under the same record."""
+    try:
+        now = describe_group(ctx.clients, group)
+        record = parse_min_size_tag(now.tags.get(MIN_SIZE_TAG))
+        if record and now.min_size == record.original and not now.out_count:
+            delete_min_size_tag(ctx, group)
+        elif record:
+            ctx.log.warning(
+                f"MinSize change failed ({error}); tag {MIN_SIZE_TAG} kept: MinSize is {now.min_size}"
+            )
+    except BalancedError as e:
+        ctx.log.warning(f"could not check tag {MIN_SIZE_TAG} after a failed MinSize change: {e}")
 
 
 def write_min_size_tag(ctx: Context, group: str, record: MinSizeRecord) -> None:
@@ -1290,13 +1309,14 @@ def write_min_size_tag(ctx: Context, group: str, record: MinSizeRecord) -> None:
     )
 
 
-def release_min_size(ctx: Context, group: Group) -> None:
+def release_min_size(ctx: Context, group: Group, *, back_in: bool) -> None:
     """Give the operator's MinSize back once no instance of the group is out any more.
     Only after ExitStandby: a MinSize above desired capacity makes AWS launch instances."""
     record = parse_min_size_tag(group.tags.get(MIN_SIZE_TAG))
     if record is None:
         return
-    others_out = others_out_of(group, ctx.instance_id)
+    # Back in (after ExitStandby): our own record may still read Standby, so count the others.
+    others_out = others_out_of(group, ctx.instance_id) if back_in else group.out_count
     if others_out:
         ctx.log.warning(
             f"MinSize of {group.name} stays at {group.min_size} while {others_out} other instance(s) "
@@ -1319,7 +1339,8 @@ def release_min_size(ctx: Context, group: Group) -> None:
         ctx.did(f"MinSize of {group.name} restored {group.min_size} -> {record.original}")
         # Another out may have held MinSize again since our read: then the record is its.
         after = describe_group(ctx.clients, group.name)
-        if others_out_of(after, ctx.instance_id) or after.min_size != record.original:
+        still_out = others_out_of(after, ctx.instance_id) if back_in else after.out_count
+        if still_out or after.min_size != record.original:
             ctx.log.info(f"another out holds MinSize of {group.name} again; its record stays")
             return
     delete_min_size_tag(ctx, group.name)
@@ -1386,7 +1407,8 @@ def request_transition(
     retried after a lost answer, and AWS then rejects the retry of a move it already made."""
     try:
         aws_call(ctx.clients.autoscaling, operation, doing, **params)
-    except BalancedError:
+    except BalancedError as e:
+        ctx.log.warning(f"{e}; checking where the instance is")
         lifecycle = lifecycle_of(ctx.clients, ctx.instance_id)  # may fail too: attempting stays
         if lifecycle not in applied:
             ctx.attempting = ""  # AWS answered, and the instance has not moved
@@ -1446,13 +1468,13 @@ def cmd_out(ctx: Context, *, rule: FloorRule, wait_for_slot: bool) -> Result:
         return finish_out(ctx, snap.group)
     drain = expected_drain(ctx, snap.group)
     last_start = ctx.waiter.deadline - drain_budget(drain)  # after it, the drain cannot fit
+    wait_for_slot = wait_for_slot and not ctx.dry_run  # a dry run waits for nothing
     while True:
+        if ctx.waiter.clock() > last_start:
+            raise Refused(drain_does_not_fit(ctx, drain))
         snap = wait_for_gates(ctx, snap, rule=rule, wait_for_slot=wait_for_slot, until=last_start)
         if ctx.waiter.clock() > last_start:
-            left = ctx.waiter.deadline - ctx.waiter.clock()
-            raise Refused(
-                f"load balancers may drain for {drain:.0f}s but only {left:.0f}s of --timeout are left"
-            )
+            raise Refused(drain_does_not_fit(ctx, drain))
         if ctx.dry_run:
             return Result(f"dry run: would {', then '.join(out_plan(snap.group, rule, drain))}")
         try:
@@ -1469,6 +1491,14 @@ def cmd_out(ctx: Context, *, rule: FloorRule, wait_for_slot: bool) -> Result:
                 raise Refused("yielded to a concurrent out that took the same slot")
         pause_before_recheck(ctx, until=last_start)
         snap = take_snapshot(ctx.clients, ctx.instance_id, ctx.group_name, gates=True)
+
+
+def drain_does_not_fit(ctx: Context, drain: float) -> str:
+    left = ctx.waiter.deadline - ctx.waiter.clock()
+    return (
+        f"load balancers may drain for {drain:.0f}s, which needs {drain_budget(drain):.0f}s with the time "
+        f"AWS takes to reach Standby, but only {left:.0f}s of --timeout are left"
+    )
 
 
 def out_plan(group: Group, rule: FloorRule, drain: float) -> list[str]:
@@ -1574,13 +1604,13 @@ def yield_slot(ctx: Context, *, expected: float) -> None:
     group = describe_group(ctx.clients, ctx.group_name)
     finish_out(ctx, group, expected=expected)
     cmd_in(ctx)
-    ctx.yielded = True
+    ctx.phase, ctx.yielded = "out", True
     ctx.actions.append("yielded the slot: back InService")
 
 
 def release_after_failure(ctx: Context) -> None:
     try:
-        release_min_size(ctx, describe_group(ctx.clients, ctx.group_name))
+        release_min_size(ctx, describe_group(ctx.clients, ctx.group_name), back_in=False)
     except BalancedError as e:
         ctx.log.warning(f"could not restore MinSize: {e}")
 
@@ -1617,6 +1647,10 @@ def cmd_in(ctx: Context) -> Result:
     log_traffic_sources(ctx, group)
     ctx.lifecycle = me.lifecycle
     if me.lifecycle == "EnteringStandby":
+        if ctx.dry_run:
+            return Result(
+                "dry run: EnteringStandby; would wait for Standby, ExitStandby, then wait for health checks"
+            )
         ctx.log.info("still EnteringStandby (an earlier out); waiting for Standby first")
         finish_out(ctx, group)
         group = describe_group(ctx.clients, ctx.group_name)
@@ -1639,7 +1673,7 @@ def cmd_in(ctx: Context) -> Result:
         return Result(f"dry run: already {me.lifecycle}; would wait for health checks")
     else:
         ctx.log.info(f"{ctx.instance_id} is already {me.lifecycle}; only waiting")
-    release_min_size(ctx, group)
+    release_min_size(ctx, group, back_in=True)
     verdict = wait_until(
         in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy", settle=acted
     )
@@ -1916,6 +1950,8 @@ def where_it_was_left(ctx: Context) -> str:
         state = f"{state} ({ctx.attempting} was requested and may have been applied)"
     if ctx.yielded and ctx.lifecycle == "InService" and not ctx.attempting:
         return f"{ctx.instance_id} yielded its slot and is InService again; safe to retry later"
+    if ctx.phase == "out" and ctx.lifecycle == "InService" and not ctx.attempting:
+        return f"{ctx.instance_id} is InService, not out; safe to retry later"
     if ctx.phase == "out":
         return (
             f"{ctx.instance_id} left {state}; rerun 'balanced.py out' to finish waiting, "

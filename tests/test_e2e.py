@@ -319,6 +319,24 @@ def test_wait_does_not_wait_for_what_waiting_cannot_cure(aws: Any, imds: Any, en
     assert "can never be met" in run.summary and "waiting for a slot" not in run.stderr
 
 
+def test_dry_run_waits_for_nothing(aws: Any, imds: Any, env: dict[str, str]) -> None:
+    group = aws.make_group(size=3, min_size=1, deregistration_delay=30)
+    me = group.instance_ids[0]
+    on(imds, me)
+    aws.start_activity(group.name)  # a gate that would keep --wait waiting
+    refused = balanced("out", "--dry-run", "--wait", "--timeout", "120", env=env)
+    assert_summary(refused, "out", "REFUSED", 3)
+    assert "waiting for a slot" not in refused.stderr
+    aws.client("autoscaling", internal=True).enter_standby(
+        AutoScalingGroupName=group.name, InstanceIds=[me], ShouldDecrementDesiredCapacity=True
+    )
+    for command in ("out", "in"):  # both would wait out a 30 s drain for real
+        run = balanced(command, "--dry-run", "--timeout", "120", env=env)
+        assert_summary(run, command, "OK", 0)
+        assert "dry run: " in run.summary and "waiting:" not in run.stderr
+    assert mutations(aws) == [] and aws.lifecycle(me) == "EnteringStandby"
+
+
 def test_dry_run_changes_nothing_and_tells_the_plan(aws: Any, imds: Any, env: dict[str, str]) -> None:
     group = aws.make_group(size=2, min_size=2)
     on(imds, group.instance_ids[0])
