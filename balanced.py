@@ -1200,15 +1200,22 @@ def lb_count(n: int) -> str:
     return "1 load balancer" if n == 1 else f"{n} load balancers"
 
 
+@dataclass(frozen=True)
+class Goal:
+    """What a wait is for: the verdict on each probe, and what "done" means in one LB."""
+
+    what: str
+    verdict: Callable[[str | None, dict[LoadBalancer, LbState], str], Verdict]
+    accept: Callable[[LbState], bool]
+    leaving: bool  # out: a vanished LB is as deregistered as it gets; in: look for detached LBs
+
+
+OUT = Goal("Standby and deregistration", out_verdict, is_deregistered, leaving=True)
+IN = Goal("InService and healthy", in_verdict, is_serving, leaving=False)
+
+
 def wait_until(
-    verdict_of: Callable[[str | None, dict[LoadBalancer, LbState], str], Verdict],
-    accept: Callable[[LbState], bool],
-    *,
-    ctx: Context,
-    group: Group,
-    what: str,
-    expected: float = 0.0,
-    settle: bool = False,
+    goal: Goal, *, ctx: Context, group: Group, expected: float = 0.0, settle: bool = False
 ) -> Verdict:
     asg = AsgProbe(ctx, group)
 
@@ -1216,23 +1223,25 @@ def wait_until(
         try:
             states = own_lb_states(ctx.clients, asg.lbs, ctx.instance_id)
         except LbGone as e:
-            if verdict_of is out_verdict:  # gone is as deregistered as it gets
-                ctx.log.warning(f"{e}; nothing to deregister from there")
-                asg.lbs.remove(e.lb)
-                return Verdict(WAIT, str(e))
-            return Verdict(FAILED, f"{e}: the instance can never become healthy there")
+            if not goal.leaving:
+                return Verdict(FAILED, f"{e}: the instance can never become healthy there")
+            ctx.log.warning(f"{e}; nothing to deregister from there")
+            asg.lbs.remove(e.lb)
+            return Verdict(WAIT, str(e))
         lifecycle = asg.read(
-            lbs_done=all(accept(s) for s in states.values()),
+            lbs_done=all(goal.accept(s) for s in states.values()),
             looks_gone=any(s.reason in GONE_REASONS for s in states.values()),
-            looks_detached=verdict_of is in_verdict
+            looks_detached=not goal.leaving
             and any(s.reason in NOT_REGISTERED_REASONS for s in states.values()),
         )
-        if verdict_of is in_verdict and lifecycle in STANDBY_STATES and asg.reads < 2:
-            # A first read right after ExitStandby may not show it yet: believe it on the second.
-            return Verdict(WAIT, f"lifecycle {lifecycle}, ExitStandby not visible yet")
-        return verdict_of(lifecycle, states, ctx.instance_id)
+        verdict = goal.verdict(lifecycle, states, ctx.instance_id)
+        if verdict.status == FAILED and not verdict.gone and asg.reads < 2:
+            # The first read right after our own EnterStandby/ExitStandby may not show it
+            # yet: a lifecycle that contradicts it is believed on the second read.
+            return Verdict(WAIT, f"{verdict.explanation} (confirming)")
+        return verdict
 
-    verdict = ctx.waiter.wait(probe, what=what, expected=expected, settle=settle)
+    verdict = ctx.waiter.wait(probe, what=goal.what, expected=expected, settle=settle)
     if verdict.gone:
         ctx.lifecycle = "gone"
         raise InstanceGone(verdict.explanation)
@@ -1625,15 +1634,7 @@ def finish_out_or_release(ctx: Context, group: Group, *, expected: float) -> Res
 
 
 def finish_out(ctx: Context, group: Group, *, expected: float = 0.0, settle: bool = False) -> Result:
-    verdict = wait_until(
-        out_verdict,
-        is_deregistered,
-        ctx=ctx,
-        group=group,
-        what="Standby and deregistration",
-        expected=expected,
-        settle=settle,
-    )
+    verdict = wait_until(OUT, ctx=ctx, group=group, expected=expected, settle=settle)
     ctx.lifecycle = "Standby"
     return Result(verdict.explanation)
 
@@ -1674,9 +1675,7 @@ def cmd_in(ctx: Context) -> Result:
     else:
         ctx.log.info(f"{ctx.instance_id} is already {me.lifecycle}; only waiting")
     release_min_size(ctx, group, back_in=True)
-    verdict = wait_until(
-        in_verdict, is_serving, ctx=ctx, group=group, what="InService and healthy", settle=acted
-    )
+    verdict = wait_until(IN, ctx=ctx, group=group, settle=acted)
     ctx.lifecycle = "InService"
     return Result(verdict.explanation)
 

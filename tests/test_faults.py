@@ -265,6 +265,23 @@ def test_instance_terminated_while_coming_back_fails_fast(aws: Any, imds: Any, e
     assert_outcome(Run(proc.returncode, "", stderr), 1, "left its Auto Scaling group")
 
 
+def test_someone_putting_the_instance_back_in_standby_ends_in_with_a_clear_failure(
+    aws: Any, imds: Any, env: dict[str, str]
+) -> None:
+    group = aws.make_group(size=3, min_size=1, health_seconds=30)
+    me = group.instance_ids[0]
+    imds.instance_id = me
+    assert_outcome(balanced("out", env=env), 0)
+    argv = [sys.executable, str(SCRIPT), "in", "--poll", "0.1", "--timeout", "60"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: aws.lifecycle(me) in ("Pending", "InService"), "Pending")
+    aws.set_lifecycle(me, "Standby")
+    _, stderr = proc.communicate(timeout=40)  # long before the 30 s health checks or the timeout
+    run = Run(proc.returncode, "", stderr)
+    assert_outcome(run, 1, f"{me} is Standby again: someone put it back out")
+    assert "(confirming)" in stderr  # believed on the second read, not the first
+
+
 def test_target_group_detached_while_coming_back_is_no_longer_waited_for(
     aws: Any, imds: Any, env: dict[str, str]
 ) -> None:
