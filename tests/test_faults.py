@@ -178,8 +178,9 @@ def test_metadata_down_is_exit_5(aws: Any) -> None:
 # Interrupted: AWS left as it is, the state said, 130/143 ------------------------------------------------
 
 
-def start_out(env: dict[str, str]) -> subprocess.Popen[str]:
-    argv = [sys.executable, str(SCRIPT), "out", "--poll", "0.1", "--timeout", "60"]
+def start(command: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """balanced running in the background, for a test to change AWS under it."""
+    argv = [sys.executable, str(SCRIPT), command, "--poll", "0.1", "--timeout", "60"]
     return subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -197,7 +198,7 @@ def test_interrupted_out_leaves_aws_alone_and_says_how_to_finish(
     group = aws.make_group(size=2, min_size=2, max_size=2, deregistration_delay=20)
     me = group.instance_ids[0]
     imds.instance_id = me
-    proc = start_out(env)
+    proc = start("out", env)
     wait_for(lambda: aws.lifecycle(me) == "EnteringStandby", "EnteringStandby")
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
@@ -238,7 +239,7 @@ def test_instance_terminated_while_draining_fails_fast_and_gives_min_size_back(
     group = aws.make_group(size=2, min_size=2, max_size=2, deregistration_delay=30)
     me = group.instance_ids[0]
     imds.instance_id = me
-    proc = start_out(env)
+    proc = start("out", env)
     wait_for(lambda: aws.lifecycle(me) == "EnteringStandby", "EnteringStandby")
     aws.clear_calls()
     aws.terminate(me)
@@ -257,8 +258,7 @@ def test_instance_terminated_while_coming_back_fails_fast(aws: Any, imds: Any, e
     me = group.instance_ids[0]
     imds.instance_id = me
     assert_outcome(balanced("out", env=env), 0)
-    argv = [sys.executable, str(SCRIPT), "in", "--poll", "0.1", "--timeout", "60"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    proc = start("in", env)
     wait_for(lambda: aws.lifecycle(me) in ("Pending", "InService"), "Pending")
     aws.terminate(me)
     _, stderr = proc.communicate(timeout=40)
@@ -272,8 +272,7 @@ def test_someone_putting_the_instance_back_in_standby_ends_in_with_a_clear_failu
     me = group.instance_ids[0]
     imds.instance_id = me
     assert_outcome(balanced("out", env=env), 0)
-    argv = [sys.executable, str(SCRIPT), "in", "--poll", "0.1", "--timeout", "60"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    proc = start("in", env)
     wait_for(lambda: aws.lifecycle(me) in ("Pending", "InService"), "Pending")
     aws.set_lifecycle(me, "Standby")
     _, stderr = proc.communicate(timeout=40)  # long before the 30 s health checks or the timeout
@@ -290,8 +289,7 @@ def test_target_group_detached_while_coming_back_is_no_longer_waited_for(
     imds.instance_id = me
     assert_outcome(balanced("out", env=env), 0)
     aws.set_target_health(me, "unhealthy")  # would never pass in either target group
-    argv = [sys.executable, str(SCRIPT), "in", "--poll", "0.1", "--timeout", "60"]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    proc = start("in", env)
     wait_for(lambda: aws.lifecycle(me) in ("Pending", "InService"), "Pending")
     time.sleep(1.0)  # let `in` read the group (with both target groups) and start waiting
     for arn in group.tg_arns:
